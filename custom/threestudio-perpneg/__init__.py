@@ -1,0 +1,1 @@
+import threestudio_perpneg.adapters  # noqa: F401  (registers the perpneg-* classes)

@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="threestudio-perpneg",
+    version="0.1.0",
+    description="Perp-Neg guidance (arXiv 2304.04968) as a threestudio plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=[
+        "threestudio_perpneg",
+        "threestudio_perpneg.adapters",
+        "threestudio_perpneg.configs",
+    ],
+    # The YAMLs live in the repository's configs/ and ship inside the package for the link command.
+    package_dir={"threestudio_perpneg.configs": "configs"},
+    package_data={"threestudio_perpneg.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=1.13",
+        "diffusers>=0.19",
+        "transformers>=4.28",
+        "safetensors",
+        "omegaconf>=2.3",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "accelerate"],
+        "dev": ["pytest", "hypothesis", "accelerate", "ruff", "mypy"],
+    },
+    entry_points={"console_scripts": ["threestudio-perpneg=threestudio_perpneg.__main__:main"]},
+)

@@ -1,0 +1,229 @@
+"""Text side: view prompts, CLIP text embeddings and their on-disk cache.
+
+The cache stores one safetensors file per (model, prompt) pair, written atomically (temporary file
+in the same folder, then ``os.replace``) and never unpickled. Under ``torch.distributed`` rank 0
+computes what is missing and the other ranks wait at a barrier before reading, so each prompt is
+encoded once per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .views import VIEW_NAMES
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "FRONT_TEMPLATES",
+    "EmbeddingCache",
+    "view_prompts",
+    "resolve_pretrained",
+    "encode_prompts",
+    "text_embeddings",
+]
+
+log = logging.getLogger(__name__)
+
+#: threestudio's view suffixes ("{prompt}, front view"); ``view_dependent_prompt_front`` gives prefixes.
+DEFAULT_TEMPLATES: Mapping[str, str] = {
+    "side": "{prompt}, side view",
+    "front": "{prompt}, front view",
+    "back": "{prompt}, back view",
+    "overhead": "{prompt}, overhead view",
+}
+FRONT_TEMPLATES: Mapping[str, str] = {
+    "side": "side view of {prompt}",
+    "front": "front view of {prompt}",
+    "back": "backside view of {prompt}",
+    "overhead": "overhead view of {prompt}",
+}
+
+
+def view_prompts(
+    prompt: str,
+    templates: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Optional[str]]] = None,
+) -> List[str]:
+    """View prompts in ``side, front, back, overhead`` order; a non-empty override wins."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt: expected a non-empty string, got {prompt!r}")
+    templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
+    unknown = sorted(set(templates) - set(VIEW_NAMES))
+    if unknown:
+        raise ValueError(f"view_templates: unknown view(s) {unknown}, expected keys {VIEW_NAMES}")
+    out = []
+    for name in VIEW_NAMES:
+        override = (overrides or {}).get(name)
+        if override:
+            out.append(override)
+            continue
+        template = templates.get(name, DEFAULT_TEMPLATES[name])
+        if not isinstance(template, str) or "{prompt}" not in template:
+            raise ValueError(
+                f"view_templates.{name}: expected a string containing '{{prompt}}', got {template!r}"
+            )
+        out.append(template.replace("{prompt}", prompt))
+    return out
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else can only be a filesystem path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_pretrained(name_or_path: str, key: str = "pretrained_model_name_or_path") -> str:
+    """A local folder (checked to exist) or a hub id, for ``from_pretrained``."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"{key}: expected a hub id or a local folder, got {name_or_path!r}")
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise FileNotFoundError(
+            f"{key}: {name_or_path!r} is a file, expected a diffusers model folder"
+        )
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"{key}: local folder {name_or_path!r} does not exist (expected a diffusers model "
+            "folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/)"
+        )
+    return name_or_path
+
+
+def _dist_rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist_rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+class EmbeddingCache:
+    """One safetensors file per (model, prompt), written atomically, read without unpickling.
+
+    Args:
+        folder: cache directory (created on first write).
+        namespace: distinguishes encoders (e.g. ``"clip"``) sharing one folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike, namespace: str = "clip") -> None:
+        self.folder = Path(folder)
+        self.namespace = namespace
+
+    def path(self, model: str, prompt: str) -> Path:
+        digest = hashlib.sha256(f"{self.namespace}\0{model}\0{prompt}".encode()).hexdigest()
+        return self.folder / f"{digest}.safetensors"
+
+    def load(self, model: str, prompt: str, device: torch.device | str = "cpu") -> Optional[Tensor]:
+        """The cached embedding, or ``None`` when missing, partial, corrupt or for another key."""
+        from safetensors import safe_open
+
+        path = self.path(model, prompt)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("model") != model or meta.get("prompt") != prompt:
+                    raise ValueError("metadata does not match the requested model/prompt")
+                tensor = f.get_tensor("embedding")
+        except Exception as err:  # any unreadable file is recomputed, never trusted
+            log.warning("text embedding cache file %s is unreadable (%s); recomputing", path, err)
+            return None
+        return tensor.to(device)
+
+    def save(self, model: str, prompt: str, embedding: Tensor) -> Path:
+        """Write atomically: a reader sees the old file, the new file, or none."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(model, prompt)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file(
+                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()},
+                tmp,
+                metadata={"model": model, "prompt": prompt, "namespace": self.namespace},
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+@torch.no_grad()
+def encode_prompts(
+    pretrained: str,
+    prompts: Sequence[str],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> Tensor:
+    """CLIP last hidden states ``[N, 77, D]`` of a Stable Diffusion checkpoint's text encoder."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_pretrained(pretrained)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device).eval()
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(
+            list(prompts[start : start + batch_size]),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        chunks.append(encoder(tokens.input_ids.to(device))[0].float())
+    del encoder
+    return torch.cat(chunks, dim=0)
+
+
+def text_embeddings(
+    pretrained: str,
+    prompts: Sequence[str],
+    cache_dir: Optional[str | os.PathLike],
+    *,
+    use_cache: bool = True,
+    device: torch.device | str = "cpu",
+    encode_device: torch.device | str | None = None,
+) -> Dict[str, Tensor]:
+    """Embeddings of ``prompts`` keyed by prompt, computed once (rank 0) and cached.
+
+    Without a cache every rank encodes for itself. ``encode_device`` defaults to ``device``.
+    """
+    unique = list(dict.fromkeys(prompts))
+    if not use_cache or cache_dir is None:
+        emb = encode_prompts(pretrained, unique, encode_device or device)
+        return {p: e.to(device) for p, e in zip(unique, emb)}
+    cache = EmbeddingCache(cache_dir)
+    rank, _ = _dist_rank_and_world()
+    if rank == 0:
+        missing = [p for p in unique if cache.load(pretrained, p) is None]
+        if missing:
+            emb = encode_prompts(pretrained, missing, encode_device or device)
+            for p, e in zip(missing, emb):
+                cache.save(pretrained, p, e)
+    _barrier()
+    out: Dict[str, Tensor] = {}
+    for p in unique:
+        e = cache.load(pretrained, p, device)
+        if e is None:
+            raise FileNotFoundError(
+                f"cache_dir: embedding of prompt {p!r} for {pretrained!r} is missing from "
+                f"{cache.folder} after rank 0 wrote it (is cache_dir on a shared filesystem?)"
+            )
+        out[p] = e
+    return out

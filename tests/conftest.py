@@ -1,0 +1,20 @@
+"""Shared fixtures: a tiny seeded Stable Diffusion checkpoint built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion folder (unet/vae/text_encoder/tokenizer/scheduler)."""
+    from threestudio_perpneg.tiny import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)

@@ -26,8 +26,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "accelerate"],
-        "dev": ["pytest", "hypothesis", "accelerate", "ruff", "mypy"],
+        "test": ["pytest", "hypothesis"],
+        "dev": ["pytest", "hypothesis", "ruff", "mypy"],
     },
     entry_points={"console_scripts": ["threestudio-perpneg=threestudio_perpneg.__main__:main"]},
 )

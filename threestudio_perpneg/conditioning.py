@@ -55,8 +55,11 @@ class PromptBank:
 
     def to(self, device: torch.device | str) -> PromptBank:
         return PromptBank(
-            *(t.to(device) for t in (self.prompt, self.views, self.uncond, self.negatives)),
-            self.negative_weights.to(device),
+            prompt=self.prompt.to(device),
+            views=self.views.to(device),
+            uncond=self.uncond.to(device),
+            negatives=self.negatives.to(device),
+            negative_weights=self.negative_weights.to(device),
         )
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -176,7 +176,8 @@ def encode_prompts(
 
     path = resolve_pretrained(pretrained)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device).eval()
+    encoder: Any = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    encoder = encoder.to(device).eval()
     chunks = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(

@@ -200,7 +200,8 @@ def _build_into(folder: pathlib.Path, seed: int) -> None:
     _save(vae, folder / "vae")
     _save_text_encoder(text_encoder, folder / "text_encoder")
     _write_tokenizer(folder / "tokenizer", vocab)
-    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    scheduler: Any = DDIMScheduler(**SCHEDULER_CONFIG)
+    scheduler.save_pretrained(folder / "scheduler")
     _write_json(
         folder / "model_index.json",
         {

@@ -63,11 +63,12 @@ def perpendicular_component(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
             f"b={tuple(b.shape)}"
         )
     dt = _compute_dtype(a)
-    a32, b32 = a.to(dt), b.to(dt)
-    dims = tuple(range(1, a.dim()))
-    dot = (a32 * b32).sum(dim=dims, keepdim=True)
-    norm2 = (b32 * b32).sum(dim=dims, keepdim=True).clamp_min(eps)
-    return (a32 - (dot / norm2) * b32).to(a.dtype)
+    # Flattening makes the reduction rank-agnostic, 1-D [B] input included.
+    a32 = a.to(dt).flatten(1) if a.dim() > 1 else a.to(dt).unsqueeze(1)
+    b32 = b.to(dt).flatten(1) if b.dim() > 1 else b.to(dt).unsqueeze(1)
+    dot = (a32 * b32).sum(dim=1, keepdim=True)
+    norm2 = (b32 * b32).sum(dim=1, keepdim=True).clamp_min(eps)
+    return (a32 - (dot / norm2) * b32).reshape(a.shape).to(a.dtype)
 
 
 def _as_batch_vector(

@@ -47,7 +47,9 @@ Triple = Tuple[float, float, float]
 
 def wrap_azimuth(azimuth: Tensor) -> Tensor:
     """Azimuth in degrees wrapped to (-180, 180]."""
-    return 180.0 - torch.remainder(180.0 - azimuth, 360.0)
+    wrapped = 180.0 - torch.remainder(180.0 - azimuth, 360.0)
+    # remainder can round a tiny negative up to 360, giving -180 for inputs just above 180.
+    return torch.where(wrapped <= -180.0, wrapped + 360.0, wrapped)
 
 
 def view_index(name: str) -> int:
@@ -286,5 +288,5 @@ def scheme_from_config(
 ) -> Scheme:
     """Scheme from the config keys of either family (only the chosen family is validated)."""
     if name == "threestudio":
-        return make_scheme(name, **{k: tuple(v) for k, v in threestudio_triples.items()})
+        return make_scheme(name, **dict(threestudio_triples))
     return make_scheme(name, **dict(authors_params))

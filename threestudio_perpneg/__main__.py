@@ -1,0 +1,76 @@
+"""``python -m threestudio_perpneg`` / ``threestudio-perpneg``: the package's command line.
+
+Subcommands:
+
+* ``smoke``: CPU smoke run / 2D Perp-Neg SDS playground (:mod:`threestudio_perpneg.smoke`).
+* ``link``: install the plugin shim and configs into a threestudio checkout
+  (:mod:`threestudio_perpneg.link`, which parses its own arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+PROG = "threestudio-perpneg"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Top-level parser (its ``--help`` lists the subcommands)."""
+    from . import __version__
+    from .smoke import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Perp-Neg guidance (arXiv 2304.04968) for threestudio.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{smoke,link}")
+    sub.required = True
+    smoke = sub.add_parser(
+        "smoke",
+        help="CPU smoke run / 2D playground: Perp-Neg SDS on one image per azimuth",
+        description="Optimise one image per azimuth with batched Perp-Neg SDS and write "
+        "<out>/grid.png and <out>/smoke.json. Without --model a tiny random Stable Diffusion "
+        "checkpoint is built into <out>/tiny-sd.",
+    )
+    add_arguments(smoke)
+    sub.add_parser(
+        "link",
+        help="install the plugin shim and perpneg-*.yaml configs into a threestudio checkout "
+        "(see 'link --help')",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point; returns the exit code."""
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "link":
+        # link parses its own options (including --help).
+        from .link import main as link_main
+
+        return int(link_main(args[1:]) or 0)
+
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    if ns.command == "smoke":
+        from .smoke import SmokeError, run_smoke
+
+        try:
+            run_smoke(ns)
+        except SmokeError as err:
+            print(f"{PROG} smoke: error: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print(f"{PROG} smoke: interrupted", file=sys.stderr)
+            return 130
+        return 0
+    parser.error(f"unknown command {ns.command!r}")  # unreachable: argparse checks choices
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +52,42 @@ class PromptBank:
                 f"negatives/negative_weights: expected shapes [U, {ld[0]}, {ld[1]}] and [U], got "
                 f"{tuple(self.negatives.shape)} and {tuple(self.negative_weights.shape)}"
             )
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: Mapping[str, Tensor],
+        prompt: str,
+        negative_prompt: str,
+        view_prompts: Sequence[str],
+        negative_prompts: Sequence[str] = (),
+        negative_weights: Sequence[float] = (),
+    ) -> PromptBank:
+        """Bank from embeddings keyed by prompt (as :func:`~.text.text_embeddings` returns them).
+
+        ``negative_prompt`` is the unconditional baseline of every view; ``negative_prompts`` are
+        the user negatives projected with Perp-Neg, one weight each.
+        """
+        if len(negative_prompts) != len(negative_weights):
+            raise ValueError(
+                f"negative_weights: expected one weight per negative prompt ({len(negative_prompts)}),"
+                f" got {len(negative_weights)}"
+            )
+        first = embeddings[prompt]
+        negatives = (
+            torch.stack([embeddings[p] for p in negative_prompts])
+            if negative_prompts
+            else first.new_zeros((0, *first.shape))
+        )
+        return cls(
+            prompt=first,
+            views=torch.stack([embeddings[p] for p in view_prompts]),
+            uncond=torch.stack([embeddings[negative_prompt]] * len(view_prompts)),
+            negatives=negatives,
+            negative_weights=torch.tensor(
+                list(negative_weights), dtype=first.dtype, device=first.device
+            ),
+        )
 
     def to(self, device: torch.device | str) -> PromptBank:
         return PromptBank(

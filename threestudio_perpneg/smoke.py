@@ -481,18 +481,8 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
     model, source, (unet, vae, scheduler, emb) = _prepare_model(ns, out, device, dtype, prompts)
 
     # The PromptBank exactly as perpneg-prompt-processor builds it.
-    prompt_emb = emb[ns.prompt]
-    negatives = (
-        torch.stack([emb[p] for p in user_texts])
-        if user_texts
-        else prompt_emb.new_zeros((0, *prompt_emb.shape))
-    )
-    bank = PromptBank(
-        prompt=prompt_emb,
-        views=torch.stack([emb[p] for p in views_text]),
-        uncond=torch.stack([emb[ns.negative_prompt]] * len(VIEW_NAMES)),
-        negatives=negatives,
-        negative_weights=torch.tensor(user_weights, dtype=torch.float32, device=device),
+    bank = PromptBank.from_embeddings(
+        emb, ns.prompt, ns.negative_prompt, views_text, user_texts, user_weights
     )
     engine = _RecordingEngine(unet, vae, scheduler, weights_dtype=dtype, device=device)
     t_loaded = time.perf_counter()

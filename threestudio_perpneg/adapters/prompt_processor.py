@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import threestudio
-import torch
 from threestudio.models.prompt_processors.base import (
     DirectionConfig,
     PromptProcessor,
@@ -132,7 +131,10 @@ class PerpNegPromptProcessor(PromptProcessor):
         self.direction2idx = {d.name: i for i, d in enumerate(self.directions)}
 
         library = "load/prompt_library.json"
-        self.prompt_library = json.load(open(library)) if os.path.exists(library) else {}
+        self.prompt_library = {}
+        if os.path.exists(library):
+            with open(library) as f:
+                self.prompt_library = json.load(f)
         self.prompt = self.preprocess_prompt(cfg.prompt)
         self.negative_prompt = cfg.negative_prompt
         overrides = {name: cfg.get(f"prompt_{name}", None) for name in VIEW_NAMES}
@@ -170,23 +172,18 @@ class PerpNegPromptProcessor(PromptProcessor):
             device=self.device,
         )
         cleanup()
-        self.text_embeddings = emb[self.prompt][None]
+        self.bank = PromptBank.from_embeddings(
+            emb,
+            self.prompt,
+            self.negative_prompt,
+            self.prompts_vd,
+            self.user_negatives,
+            self.user_weights,
+        )
+        self.text_embeddings = self.bank.prompt[None]
         self.uncond_text_embeddings = emb[self.negative_prompt][None]
-        self.text_embeddings_vd = torch.stack([emb[p] for p in self.prompts_vd])
-        self.uncond_text_embeddings_vd = torch.stack([emb[p] for p in self.negative_prompts_vd])
-        ld = self.text_embeddings.shape[1:]
-        negatives = (
-            torch.stack([emb[p] for p in self.user_negatives])
-            if self.user_negatives
-            else self.text_embeddings.new_zeros((0, *ld))
-        )
-        self.bank = PromptBank(
-            prompt=self.text_embeddings[0],
-            views=self.text_embeddings_vd,
-            uncond=self.uncond_text_embeddings_vd,
-            negatives=negatives,
-            negative_weights=torch.tensor(self.user_weights, device=negatives.device),
-        )
+        self.text_embeddings_vd = self.bank.views
+        self.uncond_text_embeddings_vd = self.bank.uncond
 
     def prepare_text_embeddings(self) -> None:  # the base class's spawned encoder is not used
         pass

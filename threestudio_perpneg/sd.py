@@ -106,6 +106,11 @@ class SDSSettings:
 
 def effective_scale(guidance_scale: float, convention: str) -> float:
     """The s of ε̂ = ε_u + s·(…) for a configured guidance scale and convention."""
+    if convention not in SCALE_CONVENTIONS:
+        raise ValueError(
+            f"guidance_scale_convention: unknown value {convention!r}, expected one of "
+            f"{SCALE_CONVENTIONS}"
+        )
     return float(guidance_scale) + (1.0 if convention == "threestudio" else 0.0)
 
 
@@ -271,6 +276,7 @@ class PerpNegSDSEngine:
         cond: StepConditioning,
         scale: float,
         max_items: int = 4,
+        generator: Optional[torch.Generator] = None,
     ) -> Dict[str, Any]:
         """threestudio's guidance_eval images, each sample denoised with its own conditioning."""
         from diffusers import DDIMScheduler
@@ -290,7 +296,9 @@ class PerpNegSDSEngine:
 
         one_step, orig = [], []
         for i in range(bs):
-            out = sched.step(noise_pred[i : i + 1], t[i], latents_noisy[i : i + 1], eta=1)
+            out = sched.step(
+                noise_pred[i : i + 1], t[i], latents_noisy[i : i + 1], eta=1, generator=generator
+            )
             one_step.append(out.prev_sample)
             orig.append(out.pred_original_sample)
         latents_1step = torch.cat(one_step)
@@ -304,7 +312,7 @@ class PerpNegSDSEngine:
             for ts in sched.timesteps[int(idxs[i]) + 1 :]:
                 ts_b = ts.reshape(1).to(self.device)
                 eps = self.guided_noise(lat, ts_b, sample_cond, scale)
-                lat = sched.step(eps, ts, lat, eta=1).prev_sample
+                lat = sched.step(eps, ts, lat, eta=1, generator=generator).prev_sample
             finals.append(lat)
         imgs_final = self.decode_latents(torch.cat(finals)).permute(0, 2, 3, 1)
         return {
@@ -360,6 +368,10 @@ def sds_step(
     batch = rgb.shape[0]
     if rgb.dim() != 4:
         raise ValueError(f"rgb: expected shape [B, H, W, C], got {tuple(rgb.shape)}")
+    if rgb_as_latents and settings.use_img_loss:
+        raise ValueError(
+            "use_img_loss: the image-space loss needs RGB renders, got rgb_as_latents=True"
+        )
     rgb_bchw = rgb.permute(0, 3, 1, 2)
     rgb_512 = F.interpolate(rgb_bchw, (512, 512), mode="bilinear", align_corners=False)
     if rgb_as_latents:
@@ -426,7 +438,9 @@ def sds_step(
         out["loss_sds_img"] = 0.5 * F.mse_loss(rgb_512, target_img, reduction="sum") / batch
 
     if guidance_eval:
-        ev = engine.guidance_eval(t, model_input, eps_hat, cond, scale, max_items_eval)
+        ev = engine.guidance_eval(
+            t, model_input, eps_hat, cond, scale, max_items_eval, generator=generator
+        )
         ev["texts"] = [
             f"n{n:.02f}\ne{e.item():.01f}\na{a.item():.01f}\nc{c.item():.02f}"
             for n, e, a, c in zip(ev["noise_levels"], elevation, azimuth, camera_distances)

@@ -6,6 +6,7 @@ Drop-in checks compare against threestudio's own stock classes on the same tiny 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,42 @@ def test_dreamfusion_system_trains_with_our_config(tiny_sd_path, tmp_path):
         assert batch == 2 and kind == "PerpNegPromptProcessorOutput"
         # 2 per sample + user negative per sample + at most 2 view negatives per sample
         assert 2 * 2 + 2 <= branches <= 2 * 2 + 2 + 4
+
+
+def test_link_then_launch_py_loads_the_shim_and_config(tmp_path, monkeypatch, capsys):
+    """`threestudio-perpneg link` + launch.py's own custom-module loader + load_config."""
+    import importlib.util
+
+    from threestudio.utils.config import load_config
+
+    from threestudio_perpneg.link import link_into
+
+    real = Path(threestudio.__file__).resolve().parents[1]
+    root = tmp_path / "threestudio"
+    root.mkdir()
+    (root / "threestudio").symlink_to(real / "threestudio", target_is_directory=True)
+    (root / "launch.py").symlink_to(real / "launch.py")
+    (root / "configs").mkdir()
+    (root / "custom").mkdir()
+    written = link_into(root)
+    assert (root / "custom" / "threestudio-perpneg" / "__init__.py") in written
+
+    spec = importlib.util.spec_from_file_location("ts_launch", root / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    monkeypatch.chdir(root)
+    monkeypatch.delitem(sys.modules, "threestudio-perpneg", raising=False)
+    launch.load_custom_modules()  # prints "IMPORT FAILED" instead of raising
+    assert "IMPORT FAILED" not in capsys.readouterr().out
+    shim = sys.modules["threestudio-perpneg"]
+    assert Path(shim.__file__).resolve() == (
+        root / "custom" / "threestudio-perpneg" / "__init__.py"
+    )
+    cfg = load_config(
+        "configs/perpneg-dreamfusion.yaml",
+        cli_args=['system.prompt_processor.prompt="a corgi"'],
+        n_gpus=1,
+    )
+    assert cfg.system.prompt_processor.prompt == "a corgi"
+    assert threestudio.find(cfg.system.guidance_type) is PerpNegStableDiffusionGuidance
+    assert threestudio.find(cfg.system.prompt_processor_type) is PerpNegPromptProcessor

@@ -18,3 +18,15 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from threestudio_perpneg.tiny import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Run a module of tiny-tensor tests single-threaded: on a busy 2-core runner every intra-op
+    parallel region (e.g. index_add) can wait ~0.1 s for a descheduled OpenMP worker."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

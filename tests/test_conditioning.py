@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import raises_naming
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,15 +23,7 @@ from threestudio_perpneg.views import (
     view_weights,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The tensors here are tiny; on a busy 2-core runner every intra-op parallel region (e.g.
-    index_add) can wait ~0.1 s for a descheduled OpenMP worker, so run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 L, D = 5, 8
@@ -365,15 +358,6 @@ def test_thresholds_are_used() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _raises(fn, *needles: str) -> str:
-    with pytest.raises(ValueError) as info:
-        fn()
-    msg = str(info.value)
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
-    return msg
-
-
 def test_prompt_bank_bad_shapes() -> None:
     ok = make_bank()
     fields = dict(
@@ -387,13 +371,13 @@ def test_prompt_bank_bad_shapes() -> None:
     def bank(**override):
         return lambda: PromptBank(**{**fields, **override})
 
-    _raises(bank(prompt=torch.zeros(1, L, D)), "prompt", f"(1, {L}, {D})")
-    _raises(bank(views=torch.zeros(3, L, D)), "views", f"(3, {L}, {D})")
-    _raises(bank(views=torch.zeros(4, L, D + 1)), "views", f"(4, {L}, {D + 1})")
-    _raises(bank(uncond=torch.zeros(4, L + 1, D)), "uncond", f"(4, {L + 1}, {D})")
-    _raises(bank(negatives=torch.zeros(2, L, D - 1)), "negatives", f"(2, {L}, {D - 1})")
-    _raises(bank(negative_weights=torch.zeros(3)), "negative_weights", "(3,)")
-    _raises(bank(negative_weights=torch.zeros(2, 1)), "negative_weights", "(2, 1)")
+    raises_naming(bank(prompt=torch.zeros(1, L, D)), "prompt", f"(1, {L}, {D})")
+    raises_naming(bank(views=torch.zeros(3, L, D)), "views", f"(3, {L}, {D})")
+    raises_naming(bank(views=torch.zeros(4, L, D + 1)), "views", f"(4, {L}, {D + 1})")
+    raises_naming(bank(uncond=torch.zeros(4, L + 1, D)), "uncond", f"(4, {L + 1}, {D})")
+    raises_naming(bank(negatives=torch.zeros(2, L, D - 1)), "negatives", f"(2, {L}, {D - 1})")
+    raises_naming(bank(negative_weights=torch.zeros(3)), "negative_weights", "(3,)")
+    raises_naming(bank(negative_weights=torch.zeros(2, 1)), "negative_weights", "(2, 1)")
     # No user negatives is fine.
     PromptBank(**{**fields, "negatives": torch.zeros(0, L, D), "negative_weights": torch.zeros(0)})
 
@@ -401,24 +385,24 @@ def test_prompt_bank_bad_shapes() -> None:
 def test_step_conditioning_bad_arguments() -> None:
     bank = make_bank()
     el, az = _cams((0, 0), (0, 90))
-    _raises(
+    raises_naming(
         lambda: step_conditioning(bank, el, az, scheme=AUTHORS, min_weight=-0.1),
         "min_weight",
         "-0.1",
     )
-    _raises(
+    raises_naming(
         lambda: step_conditioning(bank, el, az, scheme=AUTHORS, min_weight=float("nan")),
         "min_weight",
         "nan",
     )
-    _raises(
+    raises_naming(
         lambda: step_conditioning(bank, el, az[:1], scheme=AUTHORS),
         "elevation",
         "azimuth",
         "(2,)",
         "(1,)",
     )
-    _raises(
+    raises_naming(
         lambda: step_conditioning(bank, el[:, None], az[:, None], scheme=AUTHORS),
         "elevation",
         "(2, 1)",

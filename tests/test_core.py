@@ -11,6 +11,7 @@ from typing import Sequence
 
 import pytest
 import torch
+from helpers import raises_naming
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,15 +21,7 @@ from threestudio_perpneg.core import (
     perpendicular_component,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The tensors here are tiny; on a busy 2-core runner every intra-op parallel region (e.g.
-    index_add) can wait ~0.1 s for a descheduled OpenMP worker, so run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 SETTINGS = settings(deadline=None, max_examples=25)
@@ -417,17 +410,8 @@ def test_guidance_predictions_fields() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _raises(fn, *needles: str) -> str:
-    with pytest.raises(ValueError) as info:
-        fn()
-    msg = str(info.value)
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
-    return msg
-
-
 def test_perpendicular_mismatched_shapes() -> None:
-    _raises(
+    raises_naming(
         lambda: perpendicular_component(torch.zeros(2, 3), torch.zeros(2, 4)),
         "shape",
         "(2, 3)",
@@ -437,14 +421,14 @@ def test_perpendicular_mismatched_shapes() -> None:
 
 def test_guidance_mismatched_positive_shape() -> None:
     u = torch.zeros(2, 4, 3)
-    _raises(lambda: perp_neg_guidance(u, torch.zeros(2, 4, 5)), "eps_pos", "(2, 4, 5)")
-    _raises(lambda: perp_neg_guidance(u, torch.zeros(3, 2, 4, 3)), "eps_pos", "(3, 2, 4, 3)")
+    raises_naming(lambda: perp_neg_guidance(u, torch.zeros(2, 4, 5)), "eps_pos", "(2, 4, 5)")
+    raises_naming(lambda: perp_neg_guidance(u, torch.zeros(3, 2, 4, 3)), "eps_pos", "(3, 2, 4, 3)")
 
 
 def test_guidance_mismatched_dense_negative_shape() -> None:
     u = torch.zeros(2, 4)
     for bad in ((3, 1, 4), (2, 1, 5), (2, 4)):
-        _raises(
+        raises_naming(
             lambda bad=bad: perp_neg_guidance(u, u, torch.zeros(*bad), torch.zeros(1)),
             "eps_neg",
             str(bad),
@@ -453,7 +437,7 @@ def test_guidance_mismatched_dense_negative_shape() -> None:
 
 def test_guidance_mismatched_ragged_negative_shape() -> None:
     u = torch.zeros(2, 4)
-    _raises(
+    raises_naming(
         lambda: perp_neg_guidance(
             u, u, torch.zeros(3, 5), torch.zeros(3), neg_index=torch.tensor([0, 1, 0])
         ),
@@ -464,24 +448,24 @@ def test_guidance_mismatched_ragged_negative_shape() -> None:
 
 def test_guidance_neg_weights_missing() -> None:
     u = torch.zeros(2, 4)
-    _raises(lambda: perp_neg_guidance(u, u, torch.zeros(2, 1, 4)), "neg_weights")
-    _raises(lambda: perp_neg_guidance(u, u, None, torch.ones(2, 1)), "eps_neg")
+    raises_naming(lambda: perp_neg_guidance(u, u, torch.zeros(2, 1, 4)), "neg_weights")
+    raises_naming(lambda: perp_neg_guidance(u, u, None, torch.ones(2, 1)), "eps_neg")
 
 
 def test_guidance_ragged_index_out_of_range() -> None:
     u = torch.zeros(2, 4)
     rows = torch.zeros(3, 4)
-    _raises(
+    raises_naming(
         lambda: perp_neg_guidance(u, u, rows, -torch.ones(3), neg_index=torch.tensor([0, 2, 1])),
         "neg_index",
         "2",
     )
-    _raises(
+    raises_naming(
         lambda: perp_neg_guidance(u, u, rows, -torch.ones(3), neg_index=torch.tensor([0, -1, 1])),
         "neg_index",
         "-1",
     )
-    _raises(
+    raises_naming(
         lambda: perp_neg_guidance(u, u, rows, -torch.ones(3), neg_index=torch.tensor([0, 1])),
         "neg_index",
         "(2,)",
@@ -492,12 +476,12 @@ def test_guidance_wrong_neg_weights_shape() -> None:
     u = torch.zeros(2, 4)
     dense = torch.zeros(2, 3, 4)
     for bad in ((2,), (4,), (3, 3), (2, 3, 1), ()):
-        _raises(
+        raises_naming(
             lambda bad=bad: perp_neg_guidance(u, u, dense, torch.zeros(bad)),
             "neg_weights",
             str(bad),
         )
-    _raises(
+    raises_naming(
         lambda: perp_neg_guidance(
             u, u, torch.zeros(3, 4), torch.zeros(2), neg_index=torch.tensor([0, 1, 1])
         ),
@@ -510,17 +494,19 @@ def test_guidance_wrong_pos_weights_shape() -> None:
     u = torch.zeros(2, 4)
     pos = torch.zeros(2, 3, 4)
     for bad in ((2,), (4,), (3, 3), (1, 3), (2, 3, 1)):
-        _raises(
+        raises_naming(
             lambda bad=bad: perp_neg_guidance(u, pos, pos_weights=torch.ones(bad)),
             "pos_weights",
             str(bad),
         )
     # pos_weights with a single positive is ambiguous and rejected.
-    _raises(lambda: perp_neg_guidance(u, u, pos_weights=torch.ones(1)), "pos_weights", "(2, 4)")
+    raises_naming(
+        lambda: perp_neg_guidance(u, u, pos_weights=torch.ones(1)), "pos_weights", "(2, 4)"
+    )
 
 
 def test_guidance_wrong_scale_and_uncond_shape() -> None:
     u = torch.zeros(2, 4)
-    _raises(lambda: perp_neg_guidance(u, u, scale=torch.ones(3)), "scale", "(3,)")
-    _raises(lambda: perp_neg_guidance(u, u, scale=torch.ones(2, 1)), "scale", "(2, 1)")
-    _raises(lambda: perp_neg_guidance(torch.zeros(4), torch.zeros(4)), "eps_uncond", "(4,)")
+    raises_naming(lambda: perp_neg_guidance(u, u, scale=torch.ones(3)), "scale", "(3,)")
+    raises_naming(lambda: perp_neg_guidance(u, u, scale=torch.ones(2, 1)), "scale", "(2, 1)")
+    raises_naming(lambda: perp_neg_guidance(torch.zeros(4), torch.zeros(4)), "eps_uncond", "(4,)")

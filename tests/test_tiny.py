@@ -87,9 +87,7 @@ def test_tokenizer_and_text_encoder(tiny_sd: pathlib.Path, tokenizer_cls: str) -
     import transformers
     from transformers import CLIPTextModel
 
-    tokenizer = getattr(transformers, tokenizer_cls).from_pretrained(
-        tiny_sd, subfolder="tokenizer"
-    )
+    tokenizer = getattr(transformers, tokenizer_cls).from_pretrained(tiny_sd, subfolder="tokenizer")
     assert tokenizer.model_max_length == 77
     ids = tokenizer(
         PROMPT,
@@ -99,10 +97,7 @@ def test_tokenizer_and_text_encoder(tiny_sd: pathlib.Path, tokenizer_cls: str) -
         return_tensors="pt",
     ).input_ids
     assert ids.shape == (1, 77)
-    assert (
-        ids[0, 0].item() == tokenizer.bos_token_id
-        and tokenizer.eos_token_id in ids[0].tolist()
-    )
+    assert ids[0, 0].item() == tokenizer.bos_token_id and tokenizer.eos_token_id in ids[0].tolist()
     assert (
         tokenizer.unk_token_id
         not in ids[0, 1 : ids[0].tolist().index(tokenizer.eos_token_id)].tolist()

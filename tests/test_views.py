@@ -11,6 +11,7 @@ from typing import Tuple
 
 import pytest
 import torch
+from helpers import raises_naming
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -491,34 +492,31 @@ def test_make_scheme_defaults_and_scheme_from_config() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _raises(fn, *needles: str) -> str:
-    with pytest.raises(ValueError) as info:
-        fn()
-    msg = str(info.value)
-    for needle in needles:
-        assert needle in msg, f"{needle!r} not in {msg!r}"
-    return msg
-
-
 def test_unknown_scheme_name() -> None:
-    _raises(lambda: make_scheme("author"), "perp_neg_scheme", "'author'", "threestudio")
-    _raises(lambda: scheme_from_config("perpneg", {}, {}), "perp_neg_scheme", "'perpneg'")
+    raises_naming(lambda: make_scheme("author"), "perp_neg_scheme", "'author'", "threestudio")
+    raises_naming(lambda: scheme_from_config("perpneg", {}, {}), "perp_neg_scheme", "'perpneg'")
 
 
 def test_bad_triples() -> None:
-    _raises(lambda: make_scheme("threestudio", f_fs=(4.0, 0.5)), "perp_neg_f_fs", "(4.0, 0.5)")
-    _raises(lambda: make_scheme("threestudio", f_sb=(1, 2, 3, 4)), "perp_neg_f_sb", "(1, 2, 3, 4)")
-    _raises(lambda: make_scheme("threestudio", f_sf=("a", 0.5, 1.0)), "perp_neg_f_sf", "'a'")
-    _raises(lambda: make_scheme("threestudio", f_fsb=(1.0, None, 1.0)), "perp_neg_f_fsb", "None")
-    _raises(lambda: ThreestudioScheme(f_fs=(1.0, float("nan"), 0.0)), "perp_neg_f_fs", "nan")
-    _raises(lambda: ThreestudioScheme(f_fs=(True, 0.5, 0.0)), "perp_neg_f_fs", "True")
-    _raises(lambda: ThreestudioScheme(f_fs=5), "perp_neg_f_fs", "5")
-    _raises(
+    raises_naming(
+        lambda: make_scheme("threestudio", f_fs=(4.0, 0.5)), "perp_neg_f_fs", "(4.0, 0.5)"
+    )
+    raises_naming(
+        lambda: make_scheme("threestudio", f_sb=(1, 2, 3, 4)), "perp_neg_f_sb", "(1, 2, 3, 4)"
+    )
+    raises_naming(lambda: make_scheme("threestudio", f_sf=("a", 0.5, 1.0)), "perp_neg_f_sf", "'a'")
+    raises_naming(
+        lambda: make_scheme("threestudio", f_fsb=(1.0, None, 1.0)), "perp_neg_f_fsb", "None"
+    )
+    raises_naming(lambda: ThreestudioScheme(f_fs=(1.0, float("nan"), 0.0)), "perp_neg_f_fs", "nan")
+    raises_naming(lambda: ThreestudioScheme(f_fs=(True, 0.5, 0.0)), "perp_neg_f_fs", "True")
+    raises_naming(lambda: ThreestudioScheme(f_fs=5), "perp_neg_f_fs", "5")
+    raises_naming(
         lambda: scheme_from_config("threestudio", {"f_fs": [4.0, 0.5]}, {}),
         "perp_neg_f_fs",
         "[4.0, 0.5]",
     )
-    _raises(
+    raises_naming(
         lambda: scheme_from_config("threestudio", {"f_sb": ["x", 1, 2]}, {}),
         "perp_neg_f_sb",
         "'x'",
@@ -539,13 +537,13 @@ def test_scheme_from_config_non_sequence_triple() -> None:
 
 
 def test_bad_thresholds() -> None:
-    _raises(lambda: ViewThresholds(front=-1.0), "front_threshold", "-1.0")
-    _raises(lambda: ViewThresholds(back=181.0), "back_threshold", "181.0")
-    _raises(lambda: ViewThresholds(overhead=95.0), "overhead_threshold", "95.0")
-    _raises(lambda: ViewThresholds(overhead=-91.0), "overhead_threshold", "-91.0")
-    _raises(lambda: ViewThresholds(front=float("nan")), "front_threshold", "nan")
-    _raises(lambda: ViewThresholds(front="45"), "front_threshold", "'45'")
-    _raises(
+    raises_naming(lambda: ViewThresholds(front=-1.0), "front_threshold", "-1.0")
+    raises_naming(lambda: ViewThresholds(back=181.0), "back_threshold", "181.0")
+    raises_naming(lambda: ViewThresholds(overhead=95.0), "overhead_threshold", "95.0")
+    raises_naming(lambda: ViewThresholds(overhead=-91.0), "overhead_threshold", "-91.0")
+    raises_naming(lambda: ViewThresholds(front=float("nan")), "front_threshold", "nan")
+    raises_naming(lambda: ViewThresholds(front="45"), "front_threshold", "'45'")
+    raises_naming(
         lambda: ViewThresholds(front=100.0, back=90.0),
         "front_threshold",
         "back_threshold",
@@ -556,33 +554,43 @@ def test_bad_thresholds() -> None:
 
 
 def test_bad_authors_parameters() -> None:
-    _raises(lambda: make_scheme("authors", negative_w=0.5), "perp_neg_negative_w", "0.5")
-    _raises(lambda: AuthorsScheme(negative_w=float("-inf")), "perp_neg_negative_w", "-inf")
-    _raises(lambda: AuthorsScheme(front_decay_factor=-1.0), "perp_neg_front_decay_factor", "-1.0")
-    _raises(lambda: AuthorsScheme(side_decay_factor="10"), "perp_neg_side_decay_factor", "'10'")
-    _raises(lambda: AuthorsScheme(front_cutoff=1.5), "perp_neg_front_cutoff", "1.5")
-    _raises(
+    raises_naming(lambda: make_scheme("authors", negative_w=0.5), "perp_neg_negative_w", "0.5")
+    raises_naming(lambda: AuthorsScheme(negative_w=float("-inf")), "perp_neg_negative_w", "-inf")
+    raises_naming(
+        lambda: AuthorsScheme(front_decay_factor=-1.0), "perp_neg_front_decay_factor", "-1.0"
+    )
+    raises_naming(
+        lambda: AuthorsScheme(side_decay_factor="10"), "perp_neg_side_decay_factor", "'10'"
+    )
+    raises_naming(lambda: AuthorsScheme(front_cutoff=1.5), "perp_neg_front_cutoff", "1.5")
+    raises_naming(
         lambda: scheme_from_config("authors", {}, {"negative_w": 2.0}), "perp_neg_negative_w", "2.0"
     )
 
 
 def test_unknown_scheme_parameter() -> None:
-    _raises(lambda: make_scheme("authors", negative_weight=-2.0), "negative_weight", "'authors'")
-    _raises(lambda: make_scheme("threestudio", negative_w=-2.0), "negative_w", "'threestudio'")
-    _raises(lambda: make_scheme("threestudio", f_xx=(1, 2, 3)), "f_xx")
+    raises_naming(
+        lambda: make_scheme("authors", negative_weight=-2.0), "negative_weight", "'authors'"
+    )
+    raises_naming(
+        lambda: make_scheme("threestudio", negative_w=-2.0), "negative_w", "'threestudio'"
+    )
+    raises_naming(lambda: make_scheme("threestudio", f_xx=(1, 2, 3)), "f_xx")
 
 
 def test_mismatched_elevation_azimuth() -> None:
     s = AuthorsScheme()
-    _raises(
+    raises_naming(
         lambda: view_weights(torch.zeros(3), torch.zeros(2), s),
         "elevation",
         "azimuth",
         "(3,)",
         "(2,)",
     )
-    _raises(lambda: view_weights(torch.zeros(2, 1), torch.zeros(2, 1), s), "elevation", "(2, 1)")
-    _raises(
+    raises_naming(
+        lambda: view_weights(torch.zeros(2, 1), torch.zeros(2, 1), s), "elevation", "(2, 1)"
+    )
+    raises_naming(
         lambda: view_weights(
             torch.zeros(2), torch.zeros(2), s, view=torch.zeros(3, dtype=torch.long)
         ),

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 import threestudio
 import torch
 from threestudio.utils.base import BaseObject
-from threestudio.utils.misc import C, cleanup
+from threestudio.utils.misc import C, cleanup, get_rank
 from torch import Tensor
 
 from ..conditioning import PromptBank, StepConditioning, step_conditioning
@@ -82,7 +82,8 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         perp_neg_scheme: Optional[str] = None
         #: Negatives with |w| <= this are skipped (never evaluated); 0 skips exact zeros only.
         perp_neg_min_weight: float = 0.0
-        #: Seed of a private generator for timesteps, noise and VAE sampling; None = global RNG.
+        #: Seed of a private generator for timesteps, noise and VAE sampling (plus the DDP rank,
+        #: so ranks draw different noise); None = the global RNG, seeded by threestudio.
         seed: Optional[int] = None
 
     cfg: Config
@@ -123,7 +124,9 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         self.alphas = self.engine.alphas
         self.generator: Optional[torch.Generator] = None
         if cfg.seed is not None:
-            self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+            # Offset by rank as threestudio seeds its RNG: DDP ranks must not draw the same noise.
+            seed = int(cfg.seed) + get_rank()
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.grad_clip_val: Optional[float] = None
         self._warned_flag = False
         self.set_min_max_steps()

@@ -1,0 +1,1034 @@
+"""2D Perp-Neg sampling over any diffusers Stable Diffusion pipeline (1.x / 2.x).
+
+Perp-Neg (Armandpour et al. 2023, https://arxiv.org/abs/2304.04968) combines a main prompt with
+any number of weighted extra prompts. Positive-weight prompts add concepts; negative-weight prompts
+remove concepts, but only through the part of their guidance direction that is perpendicular to the
+positive direction, so a negative prompt cannot undo the main prompt:
+
+    Δ_k = ε(x_t, c_k) − ε(x_t, c_u)
+    Δ_P = Σ_{j∈P} w_j Δ_j                                  (main prompt + positive extras)
+    ε̂   = ε_u + s · (Δ_P + Σ_{i∈N} w_i ⊥(Δ_i, Δ_P)),       ⊥(a, b) = a − (⟨a, b⟩ / ‖b‖²) b
+
+with the inner product taken per image. The combination is :func:`threestudio_perpneg.core.
+perp_neg_guidance`, the same function the 3D guidance uses. The guidance-scale convention is the
+diffusers / paper one (ε̂ = ε_u + s·(…), default s = 7.5).
+
+Every denoising step evaluates the unconditional branch and every prompt with a non-zero weight,
+for all images, in ONE batched UNet call (``N_images × (1 + prompts)`` rows). The pipeline's own
+scheduler drives the loop (``set_timesteps``, ``init_noise_sigma``, ``scale_model_input``,
+``step`` with ``eta`` / ``generator`` where its signature accepts them), so DDIM, Euler, Euler
+ancestral, DPM-Solver, PNDM and LMS all work. Each image has its own ``torch.Generator``: image ``i``
+of a run with seeds ``[a, b]`` is the image of a run with seed ``[b]``.
+
+Modes (``mode=``), so figures compare like with like on the same UNet and seeds:
+
+* ``"perpneg"``: the formula above.
+* ``"cebm"``: composable diffusion (Liu et al. 2022), no projection: ε̂ = ε_u + s·Σ_k w_k Δ_k.
+* ``"sd"``: plain Stable Diffusion negative prompt: the positive extras are appended to the main
+  prompt with ``", "``, the negative extras (and ``negative_prompt``) form the unconditional text,
+  ε̂ = ε_neg + s·(ε_pos − ε_neg). Only the signs of the weights matter.
+
+:meth:`PerpNegSampler.generate_view` adds view conditioning: the positive is the view embedding
+interpolated at the requested azimuth (``"{prompt}, side view"`` …), the other views are negatives
+with the weights of the 3D prompt processor's schemes (:mod:`threestudio_perpneg.views`).
+
+This module imports torch only; diffusers and PIL are imported when first needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import torch
+from torch import Tensor
+
+from .core import perp_neg_guidance
+from .text import resolve_pretrained, view_prompts
+from .views import (
+    SCHEMES,
+    VIEW_NAMES,
+    ViewThresholds,
+    make_scheme,
+    view_index,
+    view_weights,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = [
+    "MODES",
+    "SCHEDULERS",
+    "VIEW_AZIMUTHS",
+    "PromptSpec",
+    "GenerationResult",
+    "PerpNegSampler",
+    "parse_prompts",
+    "parse_seeds",
+    "make_scheduler",
+]
+
+log = logging.getLogger(__name__)
+
+MODES: Tuple[str, str, str] = ("perpneg", "cebm", "sd")
+
+#: ``scheduler=`` names of :meth:`PerpNegSampler.from_pretrained` → diffusers class names.
+SCHEDULERS: Mapping[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+#: Azimuth (degrees) a view name stands for in :meth:`PerpNegSampler.generate_view`.
+VIEW_AZIMUTHS: Mapping[str, float] = {"front": 0.0, "side": 90.0, "back": 180.0, "overhead": 0.0}
+
+#: Most seeds :func:`parse_seeds` expands a text to (guards against "0-999999999").
+MAX_SEEDS = 10_000
+_MAX_SEED = 2**64 - 1
+_EMBEDDING_CACHE_SIZE = 128
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _check_real(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    return x
+
+
+def _check_int(key: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    n = int(value)
+    if n < lo or (hi is not None and n > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{key}: expected an integer {bound}, got {value!r}")
+    return n
+
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown mode {mode!r}, expected one of {MODES}")
+    return str(mode)
+
+
+def _check_extras(extra_prompts: Any) -> List[str]:
+    if isinstance(extra_prompts, str):
+        raise ValueError(
+            f"extra_prompts: expected a sequence of strings, got the single string "
+            f"{extra_prompts!r} (wrap it in a list)"
+        )
+    try:
+        items = list(extra_prompts)
+    except TypeError:
+        raise ValueError(
+            f"extra_prompts: expected a sequence of strings, got {extra_prompts!r}"
+        ) from None
+    return [_check_text(f"extra_prompts[{i}] (prompt)", p) for i, p in enumerate(items)]
+
+
+def _check_weights(weights: Any, n_extras: int) -> List[float]:
+    """``[main, *extras]`` weights; ``None`` gives main 1.0 and each extra −1.0."""
+    if weights is None:
+        return [1.0] + [-1.0] * n_extras
+    if isinstance(weights, (str, bytes)):
+        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}")
+    try:
+        items = list(weights)
+    except TypeError:
+        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}") from None
+    if len(items) != 1 + n_extras:
+        raise ValueError(
+            f"weights: expected {1 + n_extras} values (the main prompt's weight, then one per "
+            f"extra prompt; {n_extras} extra prompt(s) given), got {len(items)}: {items!r}"
+        )
+    out = [_check_real(f"weights[{i}]", w) for i, w in enumerate(items)]
+    if out[0] <= 0.0:
+        raise ValueError(
+            f"weights[0]: the main prompt's weight must be > 0 (extra prompts carry the negative "
+            f"weights), got {items[0]!r}"
+        )
+    return out
+
+
+def _check_size(key: str, value: Any, multiple: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise ValueError(f"{key}: expected a positive multiple of {multiple}, got {value!r}")
+    if int(value) % multiple:
+        raise ValueError(f"{key}: expected a multiple of {multiple}, got {value!r}")
+    return int(value)
+
+
+def _check_seeds(seeds: Any) -> List[int]:
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(
+            f"seeds: expected a sequence of integers, got the string {seeds!r} (use parse_seeds)"
+        )
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    try:
+        items = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds: expected a sequence of integers, got {seeds!r}") from None
+    if not items:
+        raise ValueError("seeds: expected at least one seed, got an empty sequence")
+    return [_check_int(f"seeds[{i}]", s, 0, _MAX_SEED) for i, s in enumerate(items)]
+
+
+# -------------------------------------------------------------------------- text parsing
+@dataclass
+class PromptSpec:
+    """A main prompt, extra prompts and their weights (``weights[0]`` is the main prompt's).
+
+    Args:
+        main (`str`): the main prompt.
+        extras (`List[str]`): extra prompts, in order.
+        weights (`List[float]`): ``1 + len(extras)`` weights: the main prompt's, then one per extra
+            (negative = remove the concept, positive = add it).
+    """
+
+    main: str
+    extras: List[str]
+    weights: List[float]
+
+
+def parse_prompts(text: str, weights: Optional[str] = None) -> PromptSpec:
+    """Parses ``"main | extra1 | extra2"`` with ``"1 | -1.5 | -0.3"`` (the official repository's form).
+
+    Args:
+        text (`str`): prompts separated by ``|``; the first is the main prompt.
+        weights (`str`, *optional*): as many ``|``-separated numbers as prompts. ``None`` gives the
+            main prompt 1.0 and every extra prompt −1.0.
+
+    Returns:
+        [`PromptSpec`].
+
+    Raises:
+        `ValueError`: naming ``prompt`` when any prompt is empty, ``weights`` when a weight is not
+            a finite number or the count does not match the prompts.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"prompt: expected a string, got {text!r}")
+    parts = [p.strip() for p in text.split("|")]
+    for i, p in enumerate(parts):
+        if not p:
+            what = "the main prompt" if i == 0 else f"extra prompt {i}"
+            raise ValueError(f"prompt: {what} is empty in {text!r}")
+    if weights is None:
+        return PromptSpec(parts[0], parts[1:], [1.0] + [-1.0] * (len(parts) - 1))
+    if not isinstance(weights, str):
+        raise ValueError(f"weights: expected a string like '1 | -1.5', got {weights!r}")
+    values: List[float] = []
+    for i, w in enumerate(weights.split("|")):
+        try:
+            x = float(w.strip())
+        except ValueError:
+            raise ValueError(
+                f"weights: item {i} {w.strip()!r} of {weights!r} is not a number"
+            ) from None
+        if not math.isfinite(x):
+            raise ValueError(f"weights: item {i} of {weights!r} is not finite")
+        values.append(x)
+    if len(values) != len(parts):
+        raise ValueError(
+            f"weights: got {len(values)} weight(s) {weights!r} for {len(parts)} prompt(s) "
+            f"{text!r}; give one per prompt, the main prompt's first"
+        )
+    if values[0] <= 0.0:
+        raise ValueError(f"weights: the main prompt's weight must be > 0, got {values[0]!r}")
+    return PromptSpec(parts[0], parts[1:], values)
+
+
+def parse_seeds(text: str) -> List[int]:
+    """Parses ``"0-7"`` (inclusive), ``"1,3,5"``, ``"30"`` or ``"0-3,10"`` into a list of seeds.
+
+    Raises:
+        `ValueError`: naming ``seeds`` for empty text or items, non-numbers, negative numbers,
+            reversed ranges (``"7-0"``) or more than :data:`MAX_SEEDS` seeds.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"seeds: expected e.g. '0-7', '1,3,5' or '30', got {text!r}")
+    out: List[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        lo_s, sep, hi_s = item.partition("-")
+        if not lo_s.strip().isdigit() or (sep and not hi_s.strip().isdigit()):
+            raise ValueError(
+                f"seeds: {item!r} in {text!r} is not a non-negative integer or a range 'a-b'"
+            )
+        lo = int(lo_s)
+        hi = int(hi_s) if sep else lo
+        if hi < lo:
+            raise ValueError(f"seeds: range {item!r} in {text!r} is reversed (expected a <= b)")
+        if hi > _MAX_SEED:
+            raise ValueError(f"seeds: {hi} in {text!r} exceeds {_MAX_SEED}")
+        if len(out) + (hi - lo + 1) > MAX_SEEDS:
+            raise ValueError(f"seeds: {text!r} expands to more than {MAX_SEEDS} seeds")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+# ------------------------------------------------------------------------------ schedulers
+def make_scheduler(name: str, config: Any) -> Any:
+    """A diffusers scheduler by short name (:data:`SCHEDULERS`) built ``from_config(config)``."""
+    if name not in SCHEDULERS:
+        raise ValueError(
+            f"scheduler: unknown scheduler {name!r}, expected one of {list(SCHEDULERS)}"
+        )
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _parse_dtype(value: Union[torch.dtype, str]) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if value not in names:
+        raise ValueError(
+            f"torch_dtype: expected a torch.dtype or one of {sorted(names)}, got {value!r}"
+        )
+    return names[value]
+
+
+# --------------------------------------------------------------------------------- results
+@dataclass
+class GenerationResult:
+    """Output of :meth:`PerpNegSampler.generate` / :meth:`PerpNegSampler.generate_view`.
+
+    Args:
+        images (`List[PIL.Image.Image]`): one RGB image per seed, in seed order.
+        latents (`torch.Tensor`): final latents ``[N, C, h, w]`` before decoding, in the UNet dtype.
+        seeds (`List[int]`): the seeds, in image order.
+        mode (`str`): ``"perpneg"``, ``"cebm"`` or ``"sd"``.
+        weights (`dict`): what was actually used, JSON-serialisable: ``positive`` and ``negative``
+            (lists of ``[text, weight]``), ``uncond`` (the unconditional text), ``requested`` (the
+            prompts and weights as given), ``view`` (``None``, or ``azimuth``, ``elevation``,
+            ``view``, ``r``, ``positive_mix``, ``negative_weights``, ``scheme``) and, in ``sd``
+            mode, ``note``.
+        unet_calls (`int`): UNet forward calls made: one per timestep of the scheduler, i.e.
+            ``num_inference_steps`` (PNDM / Heun-style schedulers have a few more timesteps).
+        settings (`dict`): every sampling setting (JSON-serialisable) needed to regenerate the images.
+    """
+
+    images: List[PILImage.Image]
+    latents: Tensor
+    seeds: List[int]
+    mode: str
+    weights: Dict[str, Any]
+    unet_calls: int
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+
+class _Branch(NamedTuple):
+    label: str
+    embedding: Tensor  # [L, D]
+    weight: float
+
+
+class _Plan(NamedTuple):
+    uncond_label: str
+    uncond: Tensor  # [L, D]
+    positives: List[_Branch]
+    negatives: List[_Branch]
+    report: Dict[str, Any]
+
+
+def _round(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+# --------------------------------------------------------------------------------- sampler
+class PerpNegSampler:
+    """Batched Perp-Neg / composable / negative-prompt sampling over a Stable Diffusion pipeline.
+
+    The sampler reads ``pipe.unet``, ``pipe.vae``, ``pipe.text_encoder``, ``pipe.tokenizer`` and
+    ``pipe.scheduler`` at call time, so swapping ``pipe.scheduler`` (or calling
+    :meth:`set_scheduler`) takes effect on the next call. Text embeddings are cached per prompt.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): any diffusers Stable Diffusion 1.x/2.x pipeline (or an
+            object with the same five components).
+
+    Example::
+
+        sampler = PerpNegSampler.from_pretrained("stabilityai/stable-diffusion-2-1-base",
+                                                 torch_dtype=torch.float16, device="cuda")
+        out = sampler.generate("a peacock, back view", ["a peacock, front view"], [1.0, -3.5],
+                               seeds=[30])
+        out.images[0].save("peacock.png")
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise ValueError(
+                    f"pipe: expected a Stable Diffusion pipeline with a {name}, got {pipe!r}"
+                )
+        self.pipe = pipe
+        self._cache: Dict[str, Tensor] = {}
+        self._cache_owner: Tuple[int, int] = (0, 0)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        scheduler: Optional[str] = None,
+        torch_dtype: Union[torch.dtype, str] = torch.float32,
+        device: Union[torch.device, str] = "cpu",
+    ) -> PerpNegSampler:
+        """Loads a ``StableDiffusionPipeline`` from a hub id or a local diffusers folder.
+
+        Args:
+            name_or_path (`str`): hub id (e.g. ``"runwayml/stable-diffusion-v1-5"``) or folder.
+            scheduler (`str`, *optional*): ``None`` keeps the checkpoint's scheduler; otherwise one
+                of :data:`SCHEDULERS` (``ddim``, ``euler``, ``euler_a``, ``dpm``, ``pndm``, ``lms``),
+                built from the checkpoint's scheduler config.
+            torch_dtype (`torch.dtype` or `str`, defaults to `torch.float32`): ``torch.float16`` on
+                a GPU halves memory; guidance is still combined in float32.
+            device (`str` or `torch.device`, defaults to ``"cpu"``).
+
+        Raises:
+            `FileNotFoundError`: naming ``model`` when a local folder is missing or the checkpoint
+                cannot be loaded (e.g. a hub id absent from the local cache while offline).
+            `ValueError`: naming ``scheduler`` / ``torch_dtype`` for unknown values.
+        """
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"scheduler: unknown scheduler {scheduler!r}, expected one of {list(SCHEDULERS)}"
+            )
+        dtype = _parse_dtype(torch_dtype)
+        path = resolve_pretrained(name_or_path, key="model (pretrained path)")
+        import diffusers.utils
+        from diffusers import StableDiffusionPipeline
+
+        # Newer diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns).
+        renamed = hasattr(getattr(diffusers.utils, "deprecation_utils", None), "_resolve_dtype")
+        dtype_kwarg = {"dtype" if renamed else "torch_dtype": dtype}
+        try:
+            pipe: Any = StableDiffusionPipeline.from_pretrained(
+                path,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                **dtype_kwarg,
+            )
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model (pretrained path): could not load {name_or_path!r} as a diffusers Stable "
+                "Diffusion checkpoint (a local folder with model_index.json, unet/, vae/, "
+                f"text_encoder/, tokenizer/, scheduler/, or a hub id in the local cache): {err}"
+            ) from err
+        pipe = pipe.to(device)
+        sampler = cls(pipe)
+        if scheduler is not None:
+            sampler.set_scheduler(scheduler)
+        return sampler
+
+    def set_scheduler(self, name: str) -> Any:
+        """Replaces ``pipe.scheduler`` by the :data:`SCHEDULERS` entry ``name``; returns it."""
+        self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
+        return self.pipe.scheduler
+
+    # ---------------------------------------------------------------- components
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> Any:
+        return self.pipe.vae
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipe.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.pipe.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.pipe.vae.config.block_out_channels) - 1))
+
+    def default_size(self) -> Tuple[int, int]:
+        """(height, width) the UNet was trained at: ``sample_size × vae_scale_factor``."""
+        size = self.pipe.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor
+
+    # -------------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode(self, text: str) -> Tensor:
+        """CLIP embedding ``[L, D]`` of one prompt, as the diffusers pipeline computes it.
+
+        Each prompt is encoded on its own (batch 1), so the result does not depend on which other
+        prompts were encoded before; results are cached per prompt.
+        """
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        owner = (id(tokenizer), id(encoder))
+        if owner != self._cache_owner:
+            self._cache, self._cache_owner = {}, owner
+        if text in self._cache:
+            return self._cache[text]
+        tokens = tokenizer(
+            [text],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        full = tokenizer([text], padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > tokens.input_ids.shape[-1]:
+            log.warning(
+                "prompt %r is longer than the text encoder's %d tokens and was truncated",
+                text,
+                tokenizer.model_max_length,
+            )
+        device = next(encoder.parameters()).device
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(device)
+        emb = encoder(tokens.input_ids.to(device), attention_mask=mask)[0][0]
+        emb = emb.to(device=self.device, dtype=encoder.dtype)
+        if len(self._cache) >= _EMBEDDING_CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[text] = emb
+        return emb
+
+    # ---------------------------------------------------------------- planning
+    def _plan(
+        self,
+        positive: _Branch,
+        extras: Sequence[str],
+        weights: Sequence[float],
+        mode: str,
+        negative_prompt: str,
+        *,
+        view_negatives: Sequence[Tuple[str, float]] = (),
+        sd_positive: Optional[_Branch] = None,
+    ) -> _Plan:
+        """Branches of one generation. ``positive`` carries the main weight; ``view_negatives`` are
+        extra (text, weight) pairs from view conditioning; ``sd_positive`` replaces the positive in
+        ``sd`` mode (the positive extras already folded in)."""
+        pairs = [(t, w) for t, w in zip(extras, weights[1:])]
+        requested = [[positive.label, _round(weights[0])]] + [[t, _round(w)] for t, w in pairs]
+        all_pairs = list(view_negatives) + pairs
+        if mode == "sd":
+            pos = sd_positive if sd_positive is not None else positive
+            neg_texts = [t for t, w in all_pairs if w < 0]
+            uncond_text = ", ".join(neg_texts + ([negative_prompt] if negative_prompt else []))
+            report: Dict[str, Any] = {
+                "positive": [[pos.label, 1.0]],
+                "negative": [],
+                "uncond": uncond_text,
+                "requested": requested,
+                "note": "sd mode: plain negative prompt; only the signs of the weights are used "
+                "(positive extras appended to the prompt, negative ones joined into the "
+                "unconditional text), their magnitudes are ignored",
+            }
+            return _Plan(
+                uncond_text, self.encode(uncond_text), [pos._replace(weight=1.0)], [], report
+            )
+
+        branches = [_Branch(t, self.encode(t), float(w)) for t, w in all_pairs if w != 0.0]
+        if mode == "cebm":
+            pos_list = [positive] + branches
+            neg_list: List[_Branch] = []
+        else:
+            pos_list = [positive] + [b for b in branches if b.weight > 0]
+            neg_list = [b for b in branches if b.weight < 0]
+        report = {
+            "positive": [[b.label, _round(b.weight)] for b in pos_list],
+            "negative": [[b.label, _round(b.weight)] for b in neg_list],
+            "uncond": negative_prompt,
+            "requested": requested,
+        }
+        return _Plan(negative_prompt, self.encode(negative_prompt), pos_list, neg_list, report)
+
+    # --------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompt: str,
+        extra_prompts: Sequence[str] = (),
+        weights: Optional[Sequence[float]] = None,
+        *,
+        mode: str = "perpneg",
+        negative_prompt: str = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seeds: Sequence[int] = (0,),
+        eta: float = 0.0,
+        progress: bool = True,
+    ) -> GenerationResult:
+        r"""Generates one image per seed from a main prompt and weighted extra prompts.
+
+        ``mode="perpneg"`` computes ε̂ = ε_u + s·(Σ_{j∈P} w_j Δ_j + Σ_{i∈N} w_i ⊥(Δ_i, Σ_{j∈P} w_j Δ_j))
+        (paper: https://arxiv.org/abs/2304.04968) with P = main prompt + positive-weight extras,
+        N = negative-weight extras; all-zero extra weights give plain classifier-free guidance.
+        ``"cebm"`` drops the projection, ``"sd"`` uses the negative extras as a negative prompt.
+
+        Args:
+            prompt (`str`): the main prompt.
+            extra_prompts (`Sequence[str]`, defaults to ``()``): extra prompts.
+            weights (`Sequence[float]`, *optional*): ``1 + len(extra_prompts)`` weights, the main
+                prompt's first (> 0), as in :class:`PromptSpec`. ``None``: main 1.0, extras −1.0.
+                Negative weights remove a concept, positive ones add one, zero ones are skipped
+                (never evaluated).
+            mode (`str`, defaults to ``"perpneg"``): one of :data:`MODES`.
+            negative_prompt (`str`, defaults to ``""``): the unconditional branch's text (in ``sd``
+                mode appended to the negative extras).
+            num_inference_steps (`int`, defaults to 50): scheduler steps.
+            guidance_scale (`float`, defaults to 7.5): s in ε̂ = ε_u + s·(…).
+            height (`int`, *optional*), width (`int`, *optional*): image size, multiples of 8;
+                defaults to the UNet's training size.
+            seeds (`Sequence[int]`, defaults to ``(0,)``): one image per seed, each with its own
+                ``torch.Generator`` on the pipeline's device.
+            eta (`float`, defaults to 0.0): DDIM η, passed only to schedulers that accept it.
+            progress (`bool`, defaults to `True`): show a tqdm progress bar on stderr.
+
+        Returns:
+            [`GenerationResult`].
+
+        Raises:
+            `ValueError`: naming the argument: empty ``prompt`` / ``extra_prompts[i]``, ``weights``
+                count or values, unknown ``mode``, ``height`` / ``width`` not multiples of 8,
+                empty ``seeds``, ``num_inference_steps`` < 1, non-finite ``guidance_scale`` / ``eta``.
+        """
+        prompt = _check_text("prompt", prompt)
+        extras = _check_extras(extra_prompts)
+        w = _check_weights(weights, len(extras))
+        mode = _check_mode(mode)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
+        sampling = self._check_sampling(
+            num_inference_steps, guidance_scale, height, width, seeds, eta
+        )
+        main = _Branch(prompt, self.encode(prompt), w[0])
+        sd_positive = None
+        if mode == "sd":
+            text = ", ".join([prompt] + [t for t, x in zip(extras, w[1:]) if x > 0])
+            sd_positive = _Branch(text, self.encode(text), 1.0)
+        plan = self._plan(main, extras, w, mode, negative_prompt.strip(), sd_positive=sd_positive)
+        plan.report["view"] = None
+        settings = {"prompt": prompt, "extra_prompts": extras, "weights": w, "view": None}
+        return self._sample(plan, mode, sampling, settings, negative_prompt.strip(), progress)
+
+    def generate_view(
+        self,
+        prompt: str,
+        *,
+        view: Optional[str] = None,
+        azimuth: Optional[float] = None,
+        elevation: float = 0.0,
+        scheme: str = "threestudio",
+        view_weights: Optional[Mapping[str, float]] = None,
+        extra_prompts: Sequence[str] = (),
+        weights: Optional[Sequence[float]] = None,
+        mode: str = "perpneg",
+        **generate_kwargs: Any,
+    ) -> GenerationResult:
+        r"""Generates an object seen from a view name or azimuth, with view negatives.
+
+        The view prompts are threestudio's (``"{prompt}, side view"``, ``front``, ``back``,
+        ``overhead``). With r the interpolation factor of :func:`threestudio_perpneg.views.
+        view_weights` (front half: r = 1 − |a|/90, back half: r = 2 − |a|/90), the positive is the
+        interpolated embedding r·e_front + (1 − r)·e_side (front half) or r·e_side + (1 − r)·e_back
+        (back half), the overhead prompt above the overhead threshold (60°). The other views become
+        negative prompts with the weights of ``scheme`` (``"threestudio"`` or ``"authors"``, as in
+        the 3D prompt processor), or with ``view_weights`` given by the user. Extra prompts work as
+        in :meth:`generate`, and ``weights[0]`` weights the view positive.
+
+        Args:
+            prompt (`str`): the object prompt (without a view phrase).
+            view (`str`, *optional*): ``"front"``, ``"side"``, ``"back"`` or ``"overhead"``
+                (azimuth 0, 90, 180; overhead forces the overhead bucket).
+            azimuth (`float`, *optional*): degrees in [−180, 360], front at 0. Exactly one of
+                ``view`` / ``azimuth`` must be given.
+            elevation (`float`, defaults to 0.0): degrees in [−90, 90]; above 60 the overhead view
+                is used.
+            scheme (`str`, defaults to ``"threestudio"``): view-negative weight scheme.
+            view_weights (`Mapping[str, float]`, *optional*): e.g. ``{"front": -2.0, "side": -0.5}``
+                replaces the scheme's view negatives (views not named get weight 0).
+            extra_prompts, weights, mode: as in :meth:`generate`.
+            **generate_kwargs: ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
+                ``height``, ``width``, ``seeds``, ``eta``, ``progress`` as in :meth:`generate`.
+
+        Raises:
+            `ValueError`: naming ``view`` / ``azimuth`` (both or neither given, unknown view,
+                azimuth out of range), ``elevation``, ``scheme``, ``view_weights``, and everything
+                :meth:`generate` checks.
+        """
+        prompt = _check_text("prompt", prompt)
+        if (view is None) == (azimuth is None):
+            raise ValueError(
+                "view/azimuth: give exactly one of view (front|side|back|overhead) or azimuth "
+                f"(degrees), got view={view!r}, azimuth={azimuth!r}"
+            )
+        elev = _check_real("elevation", elevation)
+        if not -90.0 <= elev <= 90.0:
+            raise ValueError(f"elevation: expected degrees in [-90, 90], got {elevation!r}")
+        forced: Optional[int] = None
+        if view is not None:
+            if not isinstance(view, str):
+                raise ValueError(f"view: expected one of {VIEW_NAMES}, got {view!r}")
+            forced = view_index(view)
+            az = VIEW_AZIMUTHS[view]
+        else:
+            az = _check_real("azimuth", azimuth)
+            if not -180.0 <= az <= 360.0:
+                raise ValueError(f"azimuth: expected degrees in [-180, 360], got {azimuth!r}")
+        if scheme not in SCHEMES:
+            raise ValueError(
+                f"scheme: unknown scheme {scheme!r}, expected one of {sorted(SCHEMES)}"
+            )
+        user = None
+        if view_weights is not None:
+            if not isinstance(view_weights, Mapping):
+                raise ValueError(
+                    f"view_weights: expected a mapping like {{'front': -2.0}}, got {view_weights!r}"
+                )
+            unknown = sorted(set(view_weights) - set(VIEW_NAMES))
+            if unknown:
+                raise ValueError(
+                    f"view_weights: unknown view(s) {unknown}, expected keys from {VIEW_NAMES}"
+                )
+            user = {k: _check_real(f"view_weights[{k!r}]", v) for k, v in view_weights.items()}
+        extras = _check_extras(extra_prompts)
+        w = _check_weights(weights, len(extras))
+        mode = _check_mode(mode)
+        negative_prompt = generate_kwargs.pop("negative_prompt", "")
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
+        progress = bool(generate_kwargs.pop("progress", True))
+        sampling = self._check_sampling(**generate_kwargs)
+
+        vw = _view_weights_for(az, elev, scheme, view=forced)
+        bucket = int(vw.view[0])
+        mix = [float(x) for x in vw.positive_mix[0]]
+        neg_w = [float(x) for x in vw.negative_weights[0]]
+        if user is not None:
+            neg_w = [user.get(name, 0.0) for name in VIEW_NAMES]
+
+        def interpolated(base: str) -> _Branch:
+            texts = view_prompts(base)
+            used = [(m, t) for m, t in zip(mix, texts) if m != 0.0]
+            if len(used) == 1:
+                return _Branch(used[0][1], self.encode(used[0][1]), w[0])
+            emb = sum(m * self.encode(t).float() for m, t in used)
+            assert isinstance(emb, Tensor)
+            label = " + ".join(f"{m:.4g}*[{t}]" for m, t in used)
+            return _Branch(label, emb.to(self.encode(texts[0]).dtype), w[0])
+
+        positive = interpolated(prompt)
+        sd_positive = None
+        if mode == "sd":
+            pos_extras = [t for t, x in zip(extras, w[1:]) if x > 0]
+            sd_positive = interpolated(", ".join([prompt] + pos_extras))
+        texts = view_prompts(prompt)
+        view_neg = [(texts[i], neg_w[i]) for i in range(4) if neg_w[i] != 0.0]
+        plan = self._plan(
+            positive,
+            extras,
+            w,
+            mode,
+            negative_prompt.strip(),
+            view_negatives=view_neg,
+            sd_positive=sd_positive,
+        )
+        plan.report["view"] = {
+            "azimuth": _round(az),
+            "elevation": _round(elev),
+            "view": VIEW_NAMES[bucket],
+            "r": _round(float(vw.r[0])),
+            "positive_mix": {name: _round(m) for name, m in zip(VIEW_NAMES, mix)},
+            "negative_weights": {name: _round(x) for name, x in zip(VIEW_NAMES, neg_w)},
+            "scheme": "user" if user is not None else scheme,
+        }
+        settings = {
+            "prompt": prompt,
+            "extra_prompts": extras,
+            "weights": w,
+            "view": {
+                "view": view,
+                "azimuth": None if azimuth is None else float(az),
+                "elevation": elev,
+                "scheme": scheme,
+                "view_weights": user,
+            },
+        }
+        return self._sample(plan, mode, sampling, settings, negative_prompt.strip(), progress)
+
+    def view_sweep(
+        self,
+        prompt: str,
+        azimuths: Sequence[float] = (0, 45, 90, 135, 180),
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> Tuple[PILImage.Image, List[GenerationResult]]:
+        """Renders one seed across azimuths into one horizontal strip of labelled tiles.
+
+        Args:
+            prompt (`str`): the object prompt.
+            azimuths (`Sequence[float]`, defaults to ``(0, 45, 90, 135, 180)``): degrees, one tile each.
+            seed (`int`, defaults to 0): the seed of every tile.
+            **kwargs: everything :meth:`generate_view` takes except ``view``, ``azimuth``, ``seeds``.
+
+        Returns:
+            ``(strip, results)``: the strip is ``len(azimuths) × width`` by ``height`` pixels, each
+            tile labelled with its azimuth and view bucket; one [`GenerationResult`] per azimuth.
+        """
+        for key in ("view", "azimuth", "seeds"):
+            if key in kwargs:
+                raise ValueError(f"{key}: view_sweep sets it itself (use azimuths= / seed=)")
+        if isinstance(azimuths, (str, bytes)):
+            raise ValueError(f"azimuths: expected a sequence of degrees, got {azimuths!r}")
+        az_list = list(azimuths)
+        if not az_list:
+            raise ValueError("azimuths: expected at least one azimuth, got an empty sequence")
+        for i, a in enumerate(az_list):
+            x = _check_real(f"azimuths[{i}] (azimuth)", a)
+            if not -180.0 <= x <= 360.0:
+                raise ValueError(
+                    f"azimuths[{i}] (azimuth): expected degrees in [-180, 360], got {a!r}"
+                )
+        seed = _check_int("seed", seed, 0, _MAX_SEED)
+        results = [self.generate_view(prompt, azimuth=a, seeds=[seed], **kwargs) for a in az_list]
+        labels = [
+            f"{float(a):g}\u00b0 {r.weights['view']['view']}" for a, r in zip(az_list, results)
+        ]
+        return _strip([r.images[0] for r in results], labels), results
+
+    # ------------------------------------------------------------------ the loop
+    def _check_sampling(
+        self,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seeds: Sequence[int] = (0,),
+        eta: float = 0.0,
+    ) -> Dict[str, Any]:
+        steps = _check_int("num_inference_steps", num_inference_steps, 1)
+        scale = _check_real("guidance_scale", guidance_scale)
+        eta_f = _check_real("eta", eta)
+        if eta_f < 0:
+            raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
+        dh, dw = self.default_size()
+        mult = self.vae_scale_factor
+        h = dh if height is None else _check_size("height", height, mult)
+        wd = dw if width is None else _check_size("width", width, mult)
+        return {
+            "num_inference_steps": steps,
+            "guidance_scale": scale,
+            "height": h,
+            "width": wd,
+            "seeds": _check_seeds(seeds),
+            "eta": eta_f,
+        }
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        plan: _Plan,
+        mode: str,
+        sampling: Dict[str, Any],
+        settings: Dict[str, Any],
+        negative_prompt: str,
+        progress: bool,
+    ) -> GenerationResult:
+        unet, scheduler = self.pipe.unet, self.pipe.scheduler
+        device, dtype = self.device, self.dtype
+        seeds: List[int] = sampling["seeds"]
+        n = len(seeds)
+        steps: int = sampling["num_inference_steps"]
+        scale: float = sampling["guidance_scale"]
+
+        # Rows, branch-major: [uncond × n, positive_1 × n, …, negative_1 × n, …] — with one
+        # positive this is exactly the diffusers pipeline's [uncond; cond] layout.
+        branches = [plan.uncond] + [b.embedding for b in plan.positives + plan.negatives]
+        n_branches = len(branches)
+        emb = torch.stack(branches).to(device=device, dtype=dtype)
+        emb = emb.repeat_interleave(n, dim=0)
+        n_pos, n_neg = len(plan.positives), len(plan.negatives)
+        pos_w = torch.tensor([b.weight for b in plan.positives], dtype=torch.float32, device=device)
+        neg_w = torch.tensor([b.weight for b in plan.negatives], dtype=torch.float32, device=device)
+
+        try:
+            if _accepts(scheduler.set_timesteps, "device"):
+                scheduler.set_timesteps(steps, device=device)
+            else:
+                scheduler.set_timesteps(steps)
+        except ValueError as err:  # e.g. PNDM with PRK warm-up steps and very few steps
+            raise ValueError(
+                f"num_inference_steps: {type(scheduler).__name__} cannot run {steps} steps: {err}"
+            ) from err
+        timesteps = scheduler.timesteps
+
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        shape = (
+            1,
+            int(unet.config.in_channels),
+            sampling["height"] // self.vae_scale_factor,
+            sampling["width"] // self.vae_scale_factor,
+        )
+        latents = torch.cat(
+            [torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators]
+        )
+        latents = latents * scheduler.init_noise_sigma
+
+        extra: Dict[str, Any] = {}
+        if _accepts(scheduler.step, "eta"):
+            extra["eta"] = sampling["eta"]
+        if _accepts(scheduler.step, "generator"):
+            extra["generator"] = generators
+
+        calls = 0
+        iterator: Any = timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(timesteps, desc=f"{mode} ({n} image(s), {n_branches * n} rows)")
+        for t in iterator:
+            model_input = torch.cat([latents] * n_branches)
+            model_input = scheduler.scale_model_input(model_input, t)
+            out = unet(model_input, t, encoder_hidden_states=emb, return_dict=False)[0]
+            calls += 1
+            out = out.reshape(n_branches, n, *out.shape[1:])
+            eps_u = out[0]
+            eps_pos = out[1 : 1 + n_pos].transpose(0, 1)  # [n, P, C, h, w]
+            eps_neg = out[1 + n_pos :].transpose(0, 1) if n_neg else None  # [n, K, C, h, w]
+            noise = perp_neg_guidance(
+                eps_u,
+                eps_pos,
+                eps_neg,
+                neg_w if n_neg else None,
+                scale,
+                pos_weights=pos_w,
+            )
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+
+        images = self.decode(latents)
+        settings = dict(settings)
+        settings.update(
+            {
+                "mode": mode,
+                "negative_prompt": negative_prompt,
+                **{k: v for k, v in sampling.items()},
+                "scheduler": type(scheduler).__name__,
+                "scheduler_config": _jsonable(dict(scheduler.config)),
+                "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device),
+            }
+        )
+        return GenerationResult(
+            images=images,
+            latents=latents,
+            seeds=list(seeds),
+            mode=mode,
+            weights=plan.report,
+            unet_calls=calls,
+            settings=settings,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> List[PILImage.Image]:
+        """Latents ``[N, C, h, w]`` → RGB images, as the diffusers pipeline post-processes them."""
+        from PIL import Image
+
+        vae = self.pipe.vae
+        vae_dtype = next(vae.parameters()).dtype
+        z = latents.to(vae_dtype) / vae.config.scaling_factor
+        image = vae.decode(z, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        array = (array * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in array]
+
+
+def _view_weights_for(
+    azimuth: float, elevation: float, scheme: str, view: Optional[int] = None
+) -> Any:
+    """:func:`threestudio_perpneg.views.view_weights` of one camera (float64), default thresholds."""
+    return view_weights(
+        torch.tensor([elevation], dtype=torch.float64),
+        torch.tensor([azimuth], dtype=torch.float64),
+        make_scheme(scheme),
+        ViewThresholds(),
+        view=None if view is None else torch.tensor([view]),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _strip(images: Sequence[PILImage.Image], labels: Sequence[str]) -> PILImage.Image:
+    """Tiles side by side (width = Σ tile widths, height = the tallest), each labelled top-left."""
+    from PIL import Image, ImageDraw
+
+    width = sum(im.width for im in images)
+    height = max(im.height for im in images)
+    strip = Image.new("RGB", (width, height), (0, 0, 0))
+    x = 0
+    for im, label in zip(images, labels):
+        tile = im.convert("RGB").copy()
+        draw = ImageDraw.Draw(tile)
+        try:
+            box = draw.textbbox((2, 1), label)
+        except UnicodeEncodeError:  # old bitmap font without the degree sign
+            label = label.replace("\u00b0", "")
+            box = draw.textbbox((2, 1), label)
+        draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+        draw.text((2, 1), label, fill=(255, 255, 255))
+        strip.paste(tile, (x, 0))
+        x += im.width
+    return strip

@@ -29,5 +29,10 @@ setup(
         "test": ["pytest", "hypothesis"],
         "dev": ["pytest", "hypothesis", "ruff", "mypy"],
     },
-    entry_points={"console_scripts": ["threestudio-perpneg=threestudio_perpneg.__main__:main"]},
+    entry_points={
+        "console_scripts": [
+            "threestudio-perpneg=threestudio_perpneg.__main__:main",
+            "perpneg-2d=threestudio_perpneg.generate:main",
+        ]
+    },
 )

@@ -5,6 +5,8 @@ Subcommands:
 * ``smoke``: CPU smoke run / 2D Perp-Neg SDS playground (:mod:`threestudio_perpneg.smoke`).
 * ``link``: install the plugin shim and configs into a threestudio checkout
   (:mod:`threestudio_perpneg.link`, which parses its own arguments).
+* ``generate``: 2D Perp-Neg sampler (:mod:`threestudio_perpneg.generate`, which parses its own
+  arguments; also the ``perpneg-2d`` console script).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perp-Neg guidance (arXiv 2304.04968) for threestudio.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{smoke,link}")
+    sub = parser.add_subparsers(dest="command", metavar="{smoke,link,generate}")
     sub.required = True
     smoke = sub.add_parser(
         "smoke",
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(see 'link --help')",
         add_help=False,
     )
+    sub.add_parser(
+        "generate",
+        help="2D Perp-Neg sampler: images from weighted prompts / views, perpneg vs cebm vs sd "
+        "(see 'generate --help')",
+        add_help=False,
+    )
     return parser
 
 
@@ -53,6 +61,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .link import main as link_main
 
         return int(link_main(args[1:]) or 0)
+    if args and args[0] == "generate":
+        # generate parses its own options (including --help).
+        from .generate import main as generate_main
+
+        return int(generate_main(args[1:], prog=f"{PROG} generate"))
 
     parser = build_parser()
     ns = parser.parse_args(args)

@@ -70,17 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(args)
     if ns.command == "smoke":
+        from ._cli import run_command
         from .smoke import SmokeError, run_smoke
 
-        try:
-            run_smoke(ns)
-        except SmokeError as err:
-            print(f"{PROG} smoke: error: {err}", file=sys.stderr)
-            return err.exit_code
-        except KeyboardInterrupt:
-            print(f"{PROG} smoke: interrupted", file=sys.stderr)
-            return 130
-        return 0
+        return run_command(f"{PROG} smoke", lambda: run_smoke(ns), SmokeError)
     parser.error(f"unknown command {ns.command!r}")  # unreachable: argparse checks choices
     return 2
 

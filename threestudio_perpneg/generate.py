@@ -29,14 +29,28 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+from ._cli import (
+    TINY_SEED,
+    CommandError,
+    atomic_write,
+    build_tiny,
+    device_arg,
+    finite_float,
+    first_line,
+    positive_int,
+    run_command,
+    split_text_weight,
+    tiny_path,
+    versions,
+    write_json,
+)
 
 __all__ = [
     "GenerateError",
@@ -54,8 +68,6 @@ REPLAY_SIDECAR_NAME = "replay.json"
 GRID_NAME = "grid.png"
 IMAGES_DIR = "images"
 FORMAT = "threestudio_perpneg.generate/1"
-TINY_DIR = "tiny-sd"
-TINY_SEED = 0
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm", "pndm", "lms")
 DEFAULT_SWEEP = (0.0, 45.0, 90.0, 135.0, 180.0)
 AZIMUTH_RANGE = (-180.0, 360.0)
@@ -74,27 +86,18 @@ TINY_NOTE = (
 )
 
 
-class GenerateError(Exception):
+class GenerateError(CommandError):
     """A user-facing error: one line, and the exit code it maps to (2 = bad argument)."""
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+        super().__init__(message, exit_code)
 
 
 # ------------------------------------------------------------------------------ argument types
 def _weighted_text(value: str, *, negative: bool) -> Tuple[str, float]:
     """``TEXT:WEIGHT`` (split at the last colon); negative weights ≤ 0, positive weights > 0."""
-    text, sep, weight = value.rpartition(":")
     example = "'a hat:-1.5'" if negative else "'a red scarf:0.5'"
-    if not sep or not text.strip():
-        raise argparse.ArgumentTypeError(f"expected TEXT:WEIGHT (e.g. {example}), got {value!r}")
-    try:
-        w = float(weight)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected TEXT:WEIGHT with a numeric weight (e.g. {example}), got {value!r}"
-        ) from None
+    text, w = split_text_weight(value, example, example_if_not_numeric=True)
     if not math.isfinite(w):
         raise argparse.ArgumentTypeError(f"expected a finite weight, got {value!r}")
     if negative and w > 0:
@@ -121,16 +124,6 @@ def _split_list(value: str) -> List[str]:
     return [p.strip() for p in re.split(r"[,\s]+", value.strip()) if p.strip()]
 
 
-def _finite(value: str, what: str = "a number") -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return x
-
-
 def _azimuth_list(value: str) -> List[float]:
     """Comma/space separated azimuths in degrees, each in [-180, 360]."""
     items = _split_list(value)
@@ -139,7 +132,7 @@ def _azimuth_list(value: str) -> List[float]:
     out = []
     lo, hi = AZIMUTH_RANGE
     for item in items:
-        a = _finite(item, "azimuths in degrees")
+        a = finite_float(item, "azimuths in degrees")
         if not lo <= a <= hi:
             raise argparse.ArgumentTypeError(
                 f"azimuth {a:g} is out of range: expected degrees in [{lo:g}, {hi:g}] "
@@ -183,7 +176,7 @@ def _view_weights_arg(value: str) -> Dict[str, float]:
             )
         if name in out:
             raise argparse.ArgumentTypeError(f"view {name!r} is given twice")
-        w = _finite(weight.strip(), f"a numeric weight for {name}")
+        w = finite_float(weight.strip(), f"a numeric weight for {name}")
         if w > 0:
             raise argparse.ArgumentTypeError(
                 f"view negative weights must be <= 0, got {name}={weight.strip()}"
@@ -210,41 +203,29 @@ def _modes_arg(value: str) -> List[str]:
     return items
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _size_arg(value: str) -> int:
-    n = _positive_int(value)
+    n = positive_int(value)
     if n % 8:
         raise argparse.ArgumentTypeError(f"expected a multiple of 8 pixels, got {value!r}")
     return n
 
 
 def _non_negative(value: str) -> float:
-    x = _finite(value)
+    x = finite_float(value)
     if x < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
     return x
 
 
 def _elevation_arg(value: str) -> float:
-    x = _finite(value, "degrees")
+    x = finite_float(value, "degrees")
     if not -90.0 <= x <= 90.0:
         raise argparse.ArgumentTypeError(f"expected degrees in [-90, 90], got {value!r}")
     return x
 
 
 def _device_arg(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
-    return value
+    return device_arg(value, auto=True)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -402,13 +383,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=50,
         help="denoising steps (default: %(default)s)",
     )
     m.add_argument(
         "--guidance-scale",
-        type=_finite,
+        type=finite_float,
         default=7.5,
         metavar="S",
         help="guidance scale s, ε̂ = ε_u + s·(…) (diffusers / paper; default: %(default)s)",
@@ -691,25 +672,6 @@ def _cond_label(cond: Optional[Dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, obj: Dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def _jsonable(x: Any) -> Any:
     """JSON-safe copy: tensors/arrays to lists, tuples to lists, non-finite floats to None."""
     if isinstance(x, dict):
@@ -726,29 +688,6 @@ def _jsonable(x: Any) -> Any:
         return _jsonable(float(x))
     except (TypeError, ValueError):
         return str(x)
-
-
-def _versions() -> Dict[str, str]:
-    import diffusers
-    import PIL
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {
-        "threestudio_perpneg": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "pillow": PIL.__version__,
-    }
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _resolve_device(requested: Optional[str], fp16: bool) -> Tuple[str, Any]:
@@ -779,11 +718,11 @@ def _load_sampler(model: str, scheduler: Optional[str], dtype: Any, device: str)
             model, scheduler=scheduler, torch_dtype=dtype, device=device
         )
     except FileNotFoundError as err:
-        msg = _strip_key(_strip_key(_first_line(err), "--model"), "model (pretrained path)")
+        msg = _strip_key(_strip_key(first_line(err), "--model"), "model (pretrained path)")
         _fail("--model", msg)
     except Exception as err:  # any loading failure is one line, not a traceback
         raise GenerateError(
-            f"argument --model: cannot load {model!r}: {_first_line(err)} (hub ids need "
+            f"argument --model: cannot load {model!r}: {first_line(err)} (hub ids need "
             "internet access or a local copy in the Hugging Face cache)",
             1,
         ) from err
@@ -797,15 +736,11 @@ def _prepare_model(model: Optional[str], out: Path) -> Tuple[str, str]:
         try:
             return resolve_pretrained(model, key="--model"), "--model"
         except (FileNotFoundError, ValueError) as err:
-            _fail("--model", _strip_key(_first_line(err), "--model"))
-    from .tiny import build_tiny_stable_diffusion
-
-    tiny = (out / TINY_DIR).absolute()
+            _fail("--model", _strip_key(first_line(err), "--model"))
+    tiny = tiny_path(out)
     if (tiny / "model_index.json").is_file():
         return str(tiny), "tiny (reused)"
-    print(f"building a tiny random Stable Diffusion checkpoint in {tiny} ...", file=sys.stderr)
-    path = build_tiny_stable_diffusion(tiny, seed=TINY_SEED, overwrite=True)
-    return str(path), "tiny (built)"
+    return build_tiny(tiny), "tiny (built)"
 
 
 def _png_bytes_info(meta: Dict[str, Any]) -> Any:
@@ -819,7 +754,7 @@ def _png_bytes_info(meta: Dict[str, Any]) -> Any:
 def _save_png(image: Any, path: Path, meta: Dict[str, Any]) -> str:
     """Save atomically; returns the SHA-256 of the written bytes."""
     info = _png_bytes_info(meta)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -997,10 +932,8 @@ def _generate(args: argparse.Namespace) -> Dict[str, Any]:
         if source != "tiny (reused)":
             raise
         # an unloadable leftover tiny checkpoint is rebuilt, never trusted
-        from .tiny import build_tiny_stable_diffusion
-
         print(f"{model} does not load; rebuilding it", file=sys.stderr)
-        build_tiny_stable_diffusion(model, seed=TINY_SEED, overwrite=True)
+        build_tiny(model, announce=False)
         source = "tiny (rebuilt)"
         sampler = _load_sampler(model, args.scheduler, dtype, device)
     t_loaded = time.perf_counter()
@@ -1008,7 +941,7 @@ def _generate(args: argparse.Namespace) -> Dict[str, Any]:
     batches = _batch_dicts(plan)
     records, tiles = _execute(sampler, batches, out, not args.no_progress)
     grid, geo = _grid_image(tiles, plan.row_labels, plan.column_labels)
-    _atomic_write(out / GRID_NAME, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(out / GRID_NAME, lambda tmp: grid.save(tmp, format="PNG"))
     t_done = time.perf_counter()
 
     pipe = getattr(sampler, "pipe", None)
@@ -1028,7 +961,7 @@ def _generate(args: argparse.Namespace) -> Dict[str, Any]:
             else None,
         },
         "load": {"scheduler": args.scheduler, "dtype": "float16" if args.fp16 else "float32"},
-        "versions": _versions(),
+        "versions": versions(),
         "batches": batches,
         "images": records,
         "grid": {
@@ -1043,7 +976,7 @@ def _generate(args: argparse.Namespace) -> Dict[str, Any]:
         },
     }
     sidecar = _jsonable(sidecar)
-    _write_json(out / SIDECAR_NAME, sidecar)
+    write_json(out / SIDECAR_NAME, sidecar)
     _summary(out, sidecar, tiny)
     return sidecar
 
@@ -1068,7 +1001,7 @@ def _load_sidecar(path: str) -> Dict[str, Any]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        _fail("--replay", f"{path!r} is not readable JSON: {_first_line(err)}")
+        _fail("--replay", f"{path!r} is not readable JSON: {first_line(err)}")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         _fail("--replay", f"{path!r} is not a {SIDECAR_NAME} sidecar (format {FORMAT})")
     return data
@@ -1103,7 +1036,7 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
             # The tiny checkpoint is seeded: rebuilding it gives the same weights.
             from .tiny import build_tiny_stable_diffusion
 
-            model = str((out / TINY_DIR).absolute())
+            model = str(tiny_path(out))
             print(f"rebuilding the tiny random checkpoint into {model} ...", file=sys.stderr)
             build_tiny_stable_diffusion(model, seed=int(settings.get("tiny_seed") or 0))
     model, _ = _prepare_model(model, out)
@@ -1119,10 +1052,10 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
             "may differ in the last bits",
             file=sys.stderr,
         )
-    versions = _versions()
+    current_versions = versions()
     changed = {
         k: (src["versions"].get(k), v)
-        for k, v in versions.items()
+        for k, v in current_versions.items()
         if k != "python" and src["versions"].get(k) != v
     }
     if changed:
@@ -1150,16 +1083,16 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
         "argv": list(getattr(args, "_argv", []) or []),
         "settings": {**settings, "model": model, "device": device},
         "load": src["load"],
-        "versions": versions,
+        "versions": current_versions,
         "batches": [batches[i] for i in chosen],
         "images": records,
     }
     if only is None:
         grid, geo = _grid_image(tiles, src["grid"]["row_labels"], src["grid"]["column_labels"])
-        _atomic_write(out / GRID_NAME, lambda tmp: grid.save(tmp, format="PNG"))
+        atomic_write(out / GRID_NAME, lambda tmp: grid.save(tmp, format="PNG"))
         result["grid"] = {**src["grid"], **geo}
     result = _jsonable(result)
-    _write_json(out / REPLAY_SIDECAR_NAME, result)
+    write_json(out / REPLAY_SIDECAR_NAME, result)
     same = sum(identical.values())
     print(
         f"replayed {len(records)} image(s) into {out / IMAGES_DIR}: {same}/{len(records)} "
@@ -1196,15 +1129,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     ns._argv = args_list
-    try:
-        run_generate(ns)
-    except GenerateError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(parser.prog, lambda: run_generate(ns), GenerateError)
 
 
 if __name__ == "__main__":

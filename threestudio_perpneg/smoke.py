@@ -19,20 +19,30 @@ weights, UNet branches and losses, per-step branches and losses).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ._cli import (
+    CommandError,
+    atomic_write,
+    build_tiny,
+    device_arg,
+    finite_float,
+    first_line,
+    positive_int,
+    run_command,
+    split_text_weight,
+    tiny_path,
+    versions,
+    write_json,
+)
 from .conditioning import PromptBank, StepConditioning, step_conditioning
 from .sd import (
     SCALE_CONVENTIONS,
@@ -67,63 +77,22 @@ MIN_TILE = 128
 LABEL_HEIGHT = 16
 #: Tiles per grid row.
 MAX_COLUMNS = 8
-#: Seed of the tiny random checkpoint (independent of ``--seed`` so one build serves every run).
-TINY_SEED = 0
-TINY_DIR = "tiny-sd"
 CACHE_DIR = "cache"
 
 
-class SmokeError(Exception):
+class SmokeError(CommandError):
     """A user-facing error of the smoke command: one line, and the exit code it maps to."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------------------- CLI
 def _negative_prompt_arg(value: str) -> Tuple[str, float]:
     """``TEXT:WEIGHT`` (split at the last colon), the weight finite and ≤ 0."""
-    text, sep, weight = value.rpartition(":")
-    if not sep or not text.strip():
-        raise argparse.ArgumentTypeError(f"expected TEXT:WEIGHT (e.g. 'a hat:-1.5'), got {value!r}")
-    try:
-        w = float(weight)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected TEXT:WEIGHT with a numeric weight, got {value!r}"
-        ) from None
+    text, w = split_text_weight(value, "'a hat:-1.5'", example_if_not_numeric=False)
     if not math.isfinite(w) or w > 0:
         raise argparse.ArgumentTypeError(
             f"weight must be a finite number <= 0 (negatives remove a concept), got {value!r}"
         )
     return text, w
-
-
-def _device_arg(value: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
-    return value
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _finite_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return x
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -156,14 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--azimuths",
         nargs="+",
-        type=_finite_float,
+        type=finite_float,
         default=[0.0, 45.0, 90.0, 135.0, 180.0],
         metavar="DEG",
         help="camera azimuths in degrees, front at 0 (default: 0 45 90 135 180)",
     )
     parser.add_argument(
         "--elevation",
-        type=_finite_float,
+        type=finite_float,
         default=0.0,
         metavar="DEG",
         help="camera elevation in degrees for every azimuth; above 60 is an overhead view "
@@ -176,18 +145,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="view negative weight scheme (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=4, help="SDS steps (default: %(default)s)"
+        "--steps", type=positive_int, default=4, help="SDS steps (default: %(default)s)"
     )
     parser.add_argument(
         "--size",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="side of each optimised RGB image in pixels; renders are resized to 512 for the VAE "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--guidance-scale",
-        type=_finite_float,
+        type=finite_float,
         default=100.0,
         help="guidance scale s (default: %(default)s, threestudio's)",
     )
@@ -199,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=_finite_float, default=0.05, help="Adam learning rate (default: %(default)s)"
+        "--lr", type=finite_float, default=0.05, help="Adam learning rate (default: %(default)s)"
     )
     parser.add_argument(
         "--seed",
@@ -211,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        type=_device_arg,
+        type=device_arg,
         default="cpu",
         help="cpu, cuda or cuda:N (default: %(default)s)",
     )
@@ -294,7 +263,7 @@ def _resolve_args(
     check("prompt", isinstance(ns.prompt, str) and bool(ns.prompt.strip()), "a non-empty string")
     check("negative_prompt", isinstance(ns.negative_prompt, str), "a string")
     try:
-        ns.device = _device_arg(str(ns.device))
+        ns.device = device_arg(str(ns.device))
     except argparse.ArgumentTypeError as err:
         raise SmokeError(f"--device: {err}", 2) from None
     ns.out = str(ns.out)
@@ -304,37 +273,6 @@ def _resolve_args(
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _versions() -> Dict[str, str]:
-    import diffusers
-    import PIL
-    import transformers
-
-    from . import __version__
-
-    return {
-        "threestudio_perpneg": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "pillow": PIL.__version__,
-    }
-
-
 def _num(x: Any) -> Optional[float]:
     """A JSON number (non-finite values become null so the file stays valid JSON)."""
     v = float(x)
@@ -362,11 +300,6 @@ def _load_models(
     return unet, vae, scheduler, emb
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
-
-
 def _prepare_model(
     ns: argparse.Namespace,
     out: Path,
@@ -375,21 +308,19 @@ def _prepare_model(
     prompts: Sequence[str],
 ) -> Tuple[str, str, Tuple[Any, Any, Any, Dict[str, Tensor]]]:
     """(model path or id, source, (unet, vae, scheduler, embeddings)) loaded the real-run way."""
-    from .tiny import build_tiny_stable_diffusion
-
     cache = out / CACHE_DIR
     if ns.model is not None:
         try:
             resolved = resolve_pretrained(ns.model, key="--model")
         except (FileNotFoundError, ValueError) as err:
-            raise SmokeError(_first_line(err), 2) from None
+            raise SmokeError(first_line(err), 2) from None
         try:
             return resolved, "--model", _load_models(resolved, device, dtype, prompts, cache)
         except (OSError, ValueError) as err:
-            msg = _first_line(err).replace("pretrained_model_name_or_path: ", "", 1)
+            msg = first_line(err).replace("pretrained_model_name_or_path: ", "", 1)
             raise SmokeError(f"--model {ns.model!r}: {msg}") from err
 
-    tiny = (out / TINY_DIR).absolute()  # one cache key whether built or reused
+    tiny = tiny_path(out)  # one cache key whether built or reused
     if tiny.is_dir():
         try:
             return (
@@ -398,12 +329,11 @@ def _prepare_model(
                 _load_models(str(tiny), device, dtype, prompts, cache),
             )
         except Exception as err:  # any unloadable leftover is rebuilt, never trusted
-            print(f"{tiny} does not load ({_first_line(err)}); rebuilding it", file=sys.stderr)
-    print(f"building a tiny random Stable Diffusion checkpoint in {tiny} ...", file=sys.stderr)
+            print(f"{tiny} does not load ({first_line(err)}); rebuilding it", file=sys.stderr)
     # Embeddings cached for a previous tiny checkpoint at the same path would be stale.
     shutil.rmtree(cache, ignore_errors=True)
-    path = build_tiny_stable_diffusion(tiny, seed=TINY_SEED, overwrite=True)
-    return str(path), "tiny (built)", _load_models(str(path), device, dtype, prompts, cache)
+    path = build_tiny(tiny)
+    return path, "tiny (built)", _load_models(path, device, dtype, prompts, cache)
 
 
 def _device(ns: argparse.Namespace) -> torch.device:
@@ -567,7 +497,7 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
     grid_path, json_path = out / "grid.png", out / "smoke.json"
     final = torch.sigmoid(logits.detach())
     grid = _grid_image(final, labels)
-    _atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
 
     cli = dict(vars(ns))
     cli["perp_neg_prompt"] = [[p, w] for p, w in ns.perp_neg_prompt]
@@ -593,7 +523,7 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
                 "uncond": ns.negative_prompt,
                 "negatives": user_texts,
             },
-            "versions": _versions(),
+            "versions": versions(),
         },
         "azimuths": reports,
         "steps": steps,
@@ -606,8 +536,7 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
             "total": round(time.perf_counter() - t_start, 3),
         },
     }
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_json(json_path, result)
 
     _print_summary(result)
     return result
@@ -685,9 +614,6 @@ def _fmt(x: Optional[float]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``threestudio-perpneg smoke`` on its own (the package ``__main__`` dispatches here)."""
     args = build_parser().parse_args(argv)
-    try:
-        run_smoke(args)
-    except SmokeError as err:
-        print(f"threestudio-perpneg smoke: error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
+    return run_command(
+        "threestudio-perpneg smoke", lambda: run_smoke(args), SmokeError, interrupt=False
+    )

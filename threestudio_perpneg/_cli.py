@@ -1,0 +1,175 @@
+"""Pieces shared by the package's command lines (:mod:`.smoke`, :mod:`.generate`, ``__main__``).
+
+Private to the package: argparse value types, the one-line error exit, atomic file writes, the
+library versions recorded in the JSON outputs and the tiny random Stable Diffusion checkpoint that
+stands in when no ``--model`` is given. Importing it stays cheap (torch, diffusers and Pillow are
+imported where they are used), so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple, Type, Union
+
+#: Folder of the tiny random checkpoint under ``--out`` when no ``--model`` is given.
+TINY_DIR = "tiny-sd"
+#: Seed of the tiny random checkpoint (independent of ``--seed`` so one build serves every run).
+TINY_SEED = 0
+
+
+# ------------------------------------------------------------------------------ error exit
+class CommandError(Exception):
+    """A user-facing error of a command: one line, and the exit code it maps to."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_command(
+    prog: str,
+    run: Callable[[], object],
+    error: Type[CommandError],
+    *,
+    interrupt: bool = True,
+) -> int:
+    """Call ``run()``; the exit code: 0, or ``error``'s after printing ``PROG: error: MESSAGE``.
+
+    With ``interrupt``, Ctrl-C prints ``PROG: interrupted`` and exits 130 instead of a traceback.
+    """
+    try:
+        run()
+    except error as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if not interrupt:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+# -------------------------------------------------------------------------- argument types
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def finite_float(value: str, what: str = "a number") -> float:
+    """A finite float; ``what`` names the expected value when ``value`` is not a number."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return x
+
+
+def device_arg(value: str, *, auto: bool = False) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` when allowed)."""
+    pattern = r"cpu|cuda(:\d+)?"
+    expected = "cpu, cuda or cuda:N"
+    if auto:
+        pattern, expected = f"auto|{pattern}", f"auto, {expected}"
+    if not re.fullmatch(pattern, value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return value
+
+
+def split_text_weight(
+    value: str, example: str, *, example_if_not_numeric: bool
+) -> Tuple[str, float]:
+    """``TEXT:WEIGHT`` split at the last colon: the text as given (not blank) and the weight.
+
+    The weight is any float (callers check its sign and finiteness); ``example`` (e.g.
+    ``"'a hat:-1.5'"``) is quoted in the error messages, in the one for a non-numeric weight only
+    with ``example_if_not_numeric``.
+    """
+    text, sep, weight = value.rpartition(":")
+    if not sep or not text.strip():
+        raise argparse.ArgumentTypeError(f"expected TEXT:WEIGHT (e.g. {example}), got {value!r}")
+    try:
+        return text, float(weight)
+    except ValueError:
+        hint = f" (e.g. {example})" if example_if_not_numeric else ""
+        raise argparse.ArgumentTypeError(
+            f"expected TEXT:WEIGHT with a numeric weight{hint}, got {value!r}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------- outputs
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write through ``write(tmp_path)`` into a temporary sibling, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON (NaN and infinities refused), written atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def versions() -> Dict[str, str]:
+    """Versions of this package, Python and the libraries that decide the outputs' bits."""
+    import diffusers
+    import PIL
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "threestudio_perpneg": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+# -------------------------------------------------------------------------------- tiny model
+def tiny_path(out: Path) -> Path:
+    """Where the tiny random checkpoint lives under ``out`` (absolute: one path built or reused)."""
+    return (out / TINY_DIR).absolute()
+
+
+def build_tiny(path: Union[str, Path], *, announce: bool = True) -> str:
+    """(Re)build the tiny random checkpoint (seed :data:`TINY_SEED`) at ``path``; its path.
+
+    With ``announce``, says so on stderr first (the build takes a few seconds).
+    """
+    from .tiny import build_tiny_stable_diffusion
+
+    if announce:
+        print(f"building a tiny random Stable Diffusion checkpoint in {path} ...", file=sys.stderr)
+    return str(build_tiny_stable_diffusion(path, seed=TINY_SEED, overwrite=True))

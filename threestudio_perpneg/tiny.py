@@ -1,7 +1,9 @@
-"""Builder of a tiny, seeded, randomly initialised Stable Diffusion checkpoint.
+"""Builders of tiny, seeded, randomly initialised checkpoints: Stable Diffusion and CLIP.
 
-The folder uses the standard diffusers layout, so it loads with `StableDiffusionPipeline.from_pretrained` and with the
-per-component `from_pretrained` calls. It is meant for tests and CPU smoke runs; the weights are random.
+The Stable Diffusion folder uses the standard diffusers layout, so it loads with
+`StableDiffusionPipeline.from_pretrained` and with the per-component `from_pretrained` calls. The CLIP folder loads
+with `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained`. They are meant for tests and CPU smoke runs;
+the weights are random.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 import tempfile
 from typing import Any
 
-__all__ = ["build_tiny_stable_diffusion"]
+__all__ = ["build_tiny_clip", "build_tiny_stable_diffusion"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -75,6 +77,23 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
 }
+
+CLIP_TEXT_CONFIG: dict[str, Any] = TEXT_ENCODER_CONFIG
+
+CLIP_VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_channels": 3,
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+CLIP_PROJECTION_DIM = 32
+CLIP_IMAGE_SIZE = 32
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -275,3 +294,117 @@ def build_tiny_stable_diffusion(
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmp)
     return target
+
+
+def _save_clip_model(model: Any, folder: pathlib.Path) -> None:
+    """Saves a `CLIPModel` with `text_model.` / `vision_model.`-prefixed weight names (both stacks read them)."""
+    from safetensors.torch import load_file, save_file
+
+    _save(model, folder)
+    weights = folder / "model.safetensors"
+    state_dict = load_file(weights)
+    towers = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
+    if not all(key.startswith(towers) or key == "logit_scale" for key in state_dict):
+        # Guard against a stack that drops the tower prefixes, as transformers 5 does for CLIPTextModel; a
+        # CLIPModel keeps them in the versions tested, so this check is expected to pass.
+        raise RuntimeError(
+            f"unexpected CLIPModel weight names in {weights}: {sorted(state_dict)[:5]} ..."
+        )
+    # Drop the `position_ids` buffers transformers 4.x writes (5.x does not save them; both rebuild them as
+    # arange at init), so both stacks write the same weight names.
+    kept = {key: v for key, v in state_dict.items() if not key.endswith(".position_ids")}
+    if len(kept) != len(state_dict):
+        save_file(kept, weights, metadata={"format": "pt"})
+
+
+def _build_clip_into(folder: pathlib.Path, seed: int) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    vocab = _tokenizer_vocab()
+    # Slow-tokenizer files only (vocab.json, merges.txt, ...): `CLIPProcessor.save_pretrained` of transformers 5
+    # writes a tokenizer.json (and no vocab.json / merges.txt) that transformers 4.28 cannot read.
+    _write_tokenizer(folder, vocab)
+    text_config = {
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab[BOS_TOKEN],
+        "eos_token_id": vocab[EOS_TOKEN],
+        "pad_token_id": vocab[EOS_TOKEN],
+        **CLIP_TEXT_CONFIG,
+    }
+    config = CLIPConfig(
+        text_config=text_config,
+        vision_config=dict(CLIP_VISION_CONFIG),
+        projection_dim=CLIP_PROJECTION_DIM,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    _save_clip_model(model, folder)
+    size = CLIP_IMAGE_SIZE
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    image_processor.save_pretrained(folder)
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def _build_atomically(target: pathlib.Path, build: Any, seed: int, overwrite: bool) -> pathlib.Path:
+    """Builds into a temporary sibling folder with `build(folder, seed)`, then renames it into place."""
+    if _is_occupied(target) and not overwrite:
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True to replace it."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp.rmdir()  # the builder creates the folder itself (with the default mode)
+        build(tmp, seed)
+        if _is_occupied(target):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{target} exists and is not empty; pass overwrite=True to replace it."
+                )
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.is_dir():
+                target.rmdir()
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+    return target
+
+
+def build_tiny_clip(
+    path: str | os.PathLike, seed: int = 0, *, overwrite: bool = False
+) -> pathlib.Path:
+    """
+    Builds a tiny, randomly initialised CLIP checkpoint folder (`CLIPModel` + `CLIPProcessor` files).
+
+    Text tower: 2 layers, hidden size 32, the 529-token vocabulary of the tiny Stable Diffusion tokenizer. Vision
+    tower: 2 layers, hidden size 32, 32x32 images in 8x8 patches. Projection dimension 32. The processor is a
+    `CLIPImageProcessor` (resize + centre crop to 32) and a slow `CLIPTokenizer` (vocab.json + merges.txt, no
+    tokenizer.json), so the folder loads with `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` in
+    transformers 4.28 and 5.x alike.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            Target folder. It is built in a temporary sibling folder first and then renamed into place.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the weight initialisation; the caller's global torch RNG state is left untouched.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Whether to replace an existing non-empty `path`.
+
+    Returns:
+        `pathlib.Path`: The absolute path of the checkpoint folder.
+
+    Raises:
+        `FileExistsError`: If `path` exists, is non-empty and `overwrite` is `False`.
+    """
+    target = pathlib.Path(path).expanduser().absolute()
+    return _build_atomically(target, _build_clip_into, seed, overwrite)

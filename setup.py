@@ -1,5 +1,9 @@
 from setuptools import setup
 
+SWEEP = ["hydra-core>=1.3,<1.4", "hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2"]
+EVAL = ["matplotlib", *SWEEP]
+TEST = ["pytest", "hypothesis", *EVAL]
+
 setup(
     name="threestudio-perpneg",
     version="0.1.0",
@@ -12,22 +16,37 @@ setup(
         "threestudio_perpneg",
         "threestudio_perpneg.adapters",
         "threestudio_perpneg.configs",
+        "threestudio_perpneg.eval",
+        "threestudio_perpneg.eval.sweep",
     ],
     # The YAMLs live in the repository's configs/ and ship inside the package for the link command.
     package_dir={"threestudio_perpneg.configs": "configs"},
-    package_data={"threestudio_perpneg.configs": ["*.yaml"]},
+    package_data={
+        "threestudio_perpneg.configs": ["*.yaml"],
+        "threestudio_perpneg.eval.sweep": [
+            "conf/*.yaml",
+            "conf/job/*.yaml",
+            "conf/prompts/*.yaml",
+            "conf/hydra/launcher/*.yaml",
+        ],
+    },
     install_requires=[
         "torch>=1.13",
         "diffusers>=0.19",
         "transformers>=4.28",
         "safetensors",
         "omegaconf>=2.3",
+        "numpy",
+        "pyyaml",
         "tqdm",
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
-        "dev": ["pytest", "hypothesis", "ruff", "mypy"],
+        "eval": EVAL,
+        "sweep": SWEEP,
+        "open_clip": ["open_clip_torch"],
+        "test": TEST,
+        "dev": [*TEST, "ruff", "mypy"],
     },
     entry_points={
         "console_scripts": [

@@ -7,6 +7,11 @@ Subcommands:
   (:mod:`threestudio_perpneg.link`, which parses its own arguments).
 * ``generate``: 2D Perp-Neg sampler (:mod:`threestudio_perpneg.generate`, which parses its own
   arguments; also the ``perpneg-2d`` console script).
+* ``eval2d``: the paper's 2D view-success protocol, sd vs cebm vs perpneg
+  (:mod:`threestudio_perpneg.eval.eval2d`).
+* ``eval3d``: Janus rate and view accuracy of threestudio runs (:mod:`threestudio_perpneg.eval.janus`).
+* ``sweep``: the Hydra reproduction sweep (:mod:`threestudio_perpneg.eval.sweep`; Hydra overrides
+  follow, e.g. ``sweep dry_run=true``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,24 @@ import sys
 from typing import List, Optional, Sequence
 
 PROG = "threestudio-perpneg"
+
+#: Subcommands implemented in their own modules: name -> (module, help).
+DELEGATED = {
+    "link": (
+        ".link",
+        "install the plugin shim and perpneg-*.yaml configs into a threestudio checkout",
+    ),
+    "generate": (
+        ".generate",
+        "2D Perp-Neg sampler: images from weighted prompts / views, perpneg vs cebm vs sd",
+    ),
+    "eval2d": (".eval.eval2d", "2D view-success protocol (paper table): sd vs cebm vs perpneg"),
+    "eval3d": (".eval.janus", "Janus rate and view accuracy of threestudio trial folders"),
+    "sweep": (
+        ".eval.sweep.app",
+        "paper-reproduction sweep (Hydra app): prompts x seeds x vanilla/perpneg",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perp-Neg guidance (arXiv 2304.04968) for threestudio.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{smoke,link,generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["smoke", *DELEGATED]) + "}")
     sub.required = True
     smoke = sub.add_parser(
         "smoke",
@@ -38,34 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint is built into <out>/tiny-sd.",
     )
     add_arguments(smoke)
-    sub.add_parser(
-        "link",
-        help="install the plugin shim and perpneg-*.yaml configs into a threestudio checkout "
-        "(see 'link --help')",
-        add_help=False,
-    )
-    sub.add_parser(
-        "generate",
-        help="2D Perp-Neg sampler: images from weighted prompts / views, perpneg vs cebm vs sd "
-        "(see 'generate --help')",
-        add_help=False,
-    )
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_text} (see '{name} --help')", add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit code."""
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "link":
-        # link parses its own options (including --help).
-        from .link import main as link_main
+    if args and args[0] in DELEGATED:
+        # These subcommands parse their own options (including --help).
+        import importlib
 
-        return int(link_main(args[1:]) or 0)
-    if args and args[0] == "generate":
-        # generate parses its own options (including --help).
-        from .generate import main as generate_main
-
-        return int(generate_main(args[1:], prog=f"{PROG} generate"))
+        module = importlib.import_module(DELEGATED[args[0]][0], __package__)
+        if args[0] == "link":
+            return int(module.main(args[1:]) or 0)
+        return int(module.main(args[1:], prog=f"{PROG} {args[0]}"))
 
     parser = build_parser()
     ns = parser.parse_args(args)

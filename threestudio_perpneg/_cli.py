@@ -85,10 +85,12 @@ def finite_float(value: str, what: str = "a number") -> float:
     return x
 
 
-def device_arg(value: str, *, auto: bool = False) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` when allowed)."""
+def device_arg(value: str, *, auto: bool = False, mps: bool = False) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` / ``mps`` when allowed)."""
     pattern = r"cpu|cuda(:\d+)?"
     expected = "cpu, cuda or cuda:N"
+    if mps:
+        pattern, expected = f"{pattern}|mps", "cpu, cuda, cuda:N or mps"
     if auto:
         pattern, expected = f"auto|{pattern}", f"auto, {expected}"
     if not re.fullmatch(pattern, value):

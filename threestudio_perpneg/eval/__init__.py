@@ -22,7 +22,7 @@ _EXPORTS: Dict[str, str] = {
     "ClassifierProtocol": "classifier",
     "ViewClassifier": "classifier",
     "run_eval2d": "eval2d",
-    "wilson_interval": "eval2d",
+    "wilson_interval": "stats",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -32,10 +32,22 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+from .._cli import (
+    TINY_DIR,
+    TINY_SEED,
+    CommandError,
+    atomic_write,
+    device_arg,
+    finite_float,
+    first_line,
+    positive_int,
+    run_command,
+)
+from .stats import wilson_interval
 
 __all__ = [
     "CSV_NAME",
@@ -68,9 +80,8 @@ CSV_NAME = "eval2d.csv"
 MD_NAME = "eval2d.md"
 PNG_NAME = "eval2d.png"
 IMAGES_DIR = "images"
-TINY_SD_DIR = "tiny-sd"
+TINY_SD_DIR = TINY_DIR
 TINY_CLIP_DIR = "tiny-clip"
-TINY_SEED = 0
 #: Image size used with the tiny random Stable Diffusion when --height/--width are not given.
 TINY_SIZE = 64
 DEFAULT_VIEWS: Tuple[str, ...] = ("side", "back")
@@ -78,7 +89,6 @@ DEFAULT_VIEWS: Tuple[str, ...] = ("side", "back")
 DEFAULT_MODES: Tuple[str, ...] = ("sd", "cebm", "perpneg")
 #: The paper's 2D success rates with Perp-Neg (real Stable Diffusion, real CLIP).
 PAPER_PERPNEG: Dict[str, float] = {"side": 0.731, "back": 0.404}
-Z_95 = 1.959963984540054
 ALL = "all"
 TINY_NOTE = (
     "NOTE: no {what} given: using a tiny RANDOM {kind} ({path}). The success rates are "
@@ -89,40 +99,15 @@ TINY_NOTE = (
 )
 
 
-class Eval2DError(Exception):
+class Eval2DError(CommandError):
     """A user-facing error: one line naming the argument, and its exit code (2)."""
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+        super().__init__(message, exit_code)
 
 
 def _fail(arg: str, message: str) -> NoReturn:
     raise Eval2DError(f"argument {arg}: {message}")
-
-
-# ------------------------------------------------------------------------------- statistics
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> Tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95 % for the default ``z``).
-
-    ``(0.0, 1.0)`` when ``total`` is 0.
-
-    Raises:
-        `ValueError`: naming ``successes`` / ``total`` when not ``0 <= successes <= total``.
-    """
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"total: expected an integer >= 0, got {total!r}")
-    if isinstance(successes, bool) or not isinstance(successes, int):
-        raise ValueError(f"successes: expected an integer, got {successes!r}")
-    if not 0 <= successes <= total:
-        raise ValueError(f"successes: expected 0 <= successes <= total={total}, got {successes}")
-    if total == 0:
-        return 0.0, 1.0
-    n, p = float(total), successes / total
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2.0 * n)) / denom
-    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def success_table(
@@ -257,24 +242,12 @@ def image_name(prompt_index: int, prompt: str, view: str, mode: str, seed: int) 
 
 
 # ------------------------------------------------------------------------------- file output
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_text(path: Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _pct(x: Optional[float]) -> str:
@@ -451,7 +424,7 @@ def plot_success(report: Dict[str, Any], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="upper center", ncol=len(modes) + 1, frameon=False)
         fig.tight_layout()
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 
@@ -724,37 +697,15 @@ def _names_arg(allowed: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _size_arg(value: str) -> int:
-    n = _positive_int(value)
+    n = positive_int(value)
     if n % 8:
         raise argparse.ArgumentTypeError(f"expected a multiple of 8 pixels, got {value!r}")
     return n
 
 
-def _finite(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return x
-
-
 def _device_arg(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
-    return value
+    return device_arg(value, auto=True, mps=True)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -809,7 +760,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--seeds", default="0-3", help="'0-3' (inclusive), '1,3,5' ... (default: 0-3)")
     g.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="most seeds per sampler call (default: %(default)s)",
     )
@@ -829,11 +780,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="replace the checkpoint's scheduler",
     )
     m.add_argument(
-        "--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)"
+        "--steps", type=positive_int, default=50, help="denoising steps (default: %(default)s)"
     )
     m.add_argument(
         "--guidance-scale",
-        type=_finite,
+        type=finite_float,
         default=7.5,
         metavar="S",
         help="ε̂ = ε_u + s·(…) (default: %(default)s)",
@@ -927,7 +878,7 @@ _KEY_TO_ARG = {
 
 def _library_error(err: Exception, default_arg: str) -> NoReturn:
     """Maps ``"key: message"`` (or ``"key (...): message"``, ``"key[...]: ..."``) onto an argument."""
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = first_line(err)
     head, sep, rest = msg.partition(":")
     key = re.split(r"[\s\[(]", head.strip(), maxsplit=1)[0] if sep else ""
     if key in _KEY_TO_ARG:
@@ -1158,15 +1109,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     ns._argv = args_list
-    try:
-        run_cli(ns)
-    except Eval2DError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(parser.prog, lambda: run_cli(ns), Eval2DError)
 
 
 if __name__ == "__main__":

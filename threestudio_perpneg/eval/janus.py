@@ -65,6 +65,7 @@ from typing import (
 import torch
 
 from ..views import VIEW_NAMES, ViewThresholds, classify_views
+from . import stats
 
 __all__ = [
     "KNOWN_VIEWS",
@@ -883,25 +884,11 @@ def evaluate_object(
 # --------------------------------------------------------------------------------------------
 
 
-def _z(confidence: float) -> float:
-    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
-
-
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Tuple[float, float]:
-    """Wilson score interval of a binomial proportion."""
+    """Wilson score interval of a binomial proportion at a ``confidence`` level (``n >= 1``)."""
     n = _check_int("n", n, 1)
-    successes = _check_int("successes", successes, 0)
-    if successes > n:
-        raise ValueError(f"successes: expected at most n={n}, got {successes}")
     confidence = _check_float("confidence", confidence, 0.5, 0.9999)
-    z = _z(confidence)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return lo, hi
+    return stats.wilson_interval(successes, n, stats.z_value(confidence))
 
 
 def bootstrap_mean_interval(

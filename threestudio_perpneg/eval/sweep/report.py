@@ -18,11 +18,12 @@ import csv
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..stats import wilson_interval
 
 __all__ = [
     "write_json_atomic",
@@ -36,7 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _IT_TEST_RE = re.compile(r"^it(\d+)-test$")
-_Z95 = 1.959963984540054
 
 
 # --------------------------------------------------------------------------- files
@@ -92,17 +92,6 @@ def ring_frames(folder: Path) -> List[Path]:
 
 
 # --------------------------------------------------------------------------- statistics
-def wilson_interval(k: int, n: int, z: float = _Z95) -> Tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95 % by default; (0, 1) when n == 0)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def _fmt_rate(k: int, n: int) -> str:
     if n == 0:
         return "n/a"

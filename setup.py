@@ -45,6 +45,7 @@ setup(
         "eval": EVAL,
         "sweep": SWEEP,
         "open_clip": ["open_clip_torch"],
+        "deepfloyd": ["sentencepiece", "protobuf"],
         "test": TEST,
         "dev": [*TEST, "ruff", "mypy"],
     },

@@ -259,10 +259,13 @@ def test_shipped_config_loads_in_threestudio(config):
     if "refine" in config.name:
         cli.append("system.geometry_convert_from=outputs/coarse/ckpts/last.ckpt")
     cfg = load_config(str(config), cli_args=cli, n_gpus=1)
-    assert cfg.system.guidance_type == "perpneg-stable-diffusion-guidance"
-    assert cfg.system.prompt_processor_type == "perpneg-prompt-processor"
-    g = parse_structured(PerpNegStableDiffusionGuidance.Config, cfg.system.guidance)
-    p = parse_structured(PerpNegPromptProcessor.Config, cfg.system.prompt_processor)
+    # Every shipped config uses one of our guidances and prompt processors (SDS, VSD, DeepFloyd IF).
+    assert cfg.system.guidance_type.startswith("perpneg-")
+    assert cfg.system.prompt_processor_type.startswith("perpneg-")
+    g = parse_structured(threestudio.find(cfg.system.guidance_type).Config, cfg.system.guidance)
+    p = parse_structured(
+        threestudio.find(cfg.system.prompt_processor_type).Config, cfg.system.prompt_processor
+    )
     assert g.use_perp_neg and p.prompt == "a corgi"
     assert threestudio.find(cfg.system_type) is not None
     assert threestudio.find(cfg.data_type) is not None

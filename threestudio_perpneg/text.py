@@ -1,4 +1,4 @@
-"""Text side: view prompts, CLIP text embeddings and their on-disk cache.
+"""Text side: view prompts, CLIP (Stable Diffusion) or T5 (DeepFloyd IF) text embeddings, and their cache.
 
 The cache stores one safetensors file per (model, prompt) pair, written atomically (temporary file
 in the same folder, then ``os.replace``) and never unpickled. Under ``torch.distributed`` rank 0
@@ -22,6 +22,7 @@ from .views import VIEW_NAMES
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "TEXT_ENCODERS",
     "FRONT_TEMPLATES",
     "EmbeddingCache",
     "view_prompts",
@@ -31,6 +32,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Text encoders :func:`encode_prompts` knows: ``clip`` (Stable Diffusion) and ``t5`` (DeepFloyd IF).
+TEXT_ENCODERS = ("clip", "t5")
+#: Token length of the T5 embeddings, as threestudio's ``deep-floyd-prompt-processor`` uses.
+T5_MAX_LENGTH = 77
 
 #: threestudio's view suffixes ("{prompt}, front view"); ``view_dependent_prompt_front`` gives prefixes.
 DEFAULT_TEMPLATES: Mapping[str, str] = {
@@ -164,20 +170,37 @@ class EmbeddingCache:
         return path
 
 
+def _check_encoder(encoder: str) -> None:
+    if encoder not in TEXT_ENCODERS:
+        raise ValueError(
+            f"encoder: unknown text encoder {encoder!r}, expected one of {TEXT_ENCODERS}"
+        )
+
+
 @torch.no_grad()
 def encode_prompts(
     pretrained: str,
     prompts: Sequence[str],
     device: torch.device | str = "cpu",
     batch_size: int = 16,
+    *,
+    encoder: str = "clip",
 ) -> Tensor:
-    """CLIP last hidden states ``[N, 77, D]`` of a Stable Diffusion checkpoint's text encoder."""
+    """Text embeddings ``[N, 77, D]`` of a checkpoint's ``text_encoder``/``tokenizer`` subfolders.
+
+    ``encoder="clip"``: CLIP last hidden states (Stable Diffusion). ``encoder="t5"``: T5 encoder
+    states with the attention mask (DeepFloyd IF, as threestudio's ``deep-floyd-prompt-processor``:
+    77 tokens, padded, truncated, with the end-of-sequence token; fp16 weights on CUDA).
+    """
+    _check_encoder(encoder)
+    path = resolve_pretrained(pretrained)
+    if encoder == "t5":
+        return _encode_t5(path, prompts, device, batch_size)
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = resolve_pretrained(pretrained)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    encoder: Any = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    encoder = encoder.to(device).eval()
+    text_encoder: Any = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    text_encoder = text_encoder.to(device).eval()
     chunks = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(
@@ -187,8 +210,38 @@ def encode_prompts(
             truncation=True,
             return_tensors="pt",
         )
-        chunks.append(encoder(tokens.input_ids.to(device))[0].float())
-    del encoder
+        chunks.append(text_encoder(tokens.input_ids.to(device))[0].float())
+    del text_encoder
+    return torch.cat(chunks, dim=0)
+
+
+def _encode_t5(
+    path: str, prompts: Sequence[str], device: torch.device | str, batch_size: int
+) -> Tensor:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    # AutoTokenizer reads a tokenizer.json or converts IF's spiece.model (needs sentencepiece).
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    text_encoder: Any = T5EncoderModel.from_pretrained(
+        path, subfolder="text_encoder", torch_dtype=dtype
+    )
+    text_encoder = text_encoder.to(device).eval()
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(
+            list(prompts[start : start + batch_size]),
+            padding="max_length",
+            max_length=T5_MAX_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        out = text_encoder(
+            tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        )
+        chunks.append(out[0].float())
+    del text_encoder
     return torch.cat(chunks, dim=0)
 
 
@@ -200,21 +253,25 @@ def text_embeddings(
     use_cache: bool = True,
     device: torch.device | str = "cpu",
     encode_device: torch.device | str | None = None,
+    encoder: str = "clip",
 ) -> Dict[str, Tensor]:
     """Embeddings of ``prompts`` keyed by prompt, computed once (rank 0) and cached.
 
     Without a cache every rank encodes for itself. ``encode_device`` defaults to ``device``.
+    ``encoder`` (``clip`` or ``t5``, see :func:`encode_prompts`) is also the cache namespace, so the
+    two encoders never read each other's files.
     """
+    _check_encoder(encoder)
     unique = list(dict.fromkeys(prompts))
     if not use_cache or cache_dir is None:
-        emb = encode_prompts(pretrained, unique, encode_device or device)
+        emb = encode_prompts(pretrained, unique, encode_device or device, encoder=encoder)
         return {p: e.to(device) for p, e in zip(unique, emb)}
-    cache = EmbeddingCache(cache_dir)
+    cache = EmbeddingCache(cache_dir, namespace=encoder)
     rank, _ = _dist_rank_and_world()
     if rank == 0:
         missing = [p for p in unique if cache.load(pretrained, p) is None]
         if missing:
-            emb = encode_prompts(pretrained, missing, encode_device or device)
+            emb = encode_prompts(pretrained, missing, encode_device or device, encoder=encoder)
             for p, e in zip(missing, emb):
                 cache.save(pretrained, p, e)
     _barrier()

@@ -15,9 +15,9 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["build_tiny_clip", "build_tiny_stable_diffusion"]
+__all__ = ["build_tiny_clip", "build_tiny_deepfloyd_if", "build_tiny_stable_diffusion"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -199,6 +199,9 @@ def _build_into(folder: pathlib.Path, seed: int) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    folder.mkdir()
+    folder.chmod(0o755)  # rwxr-xr-x whatever the umask
+
     vocab = _tokenizer_vocab()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -265,35 +268,7 @@ def build_tiny_stable_diffusion(
     Raises:
         `FileExistsError`: If `path` exists, is non-empty and `overwrite` is `False`.
     """
-    target = pathlib.Path(path).expanduser().absolute()
-    if _is_occupied(target) and not overwrite:
-        raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True to replace it."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)
-        _build_into(tmp, seed)
-        if _is_occupied(target):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{target} exists and is not empty; pass overwrite=True to replace it."
-                )
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if target.is_dir():
-                target.rmdir()
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
-    return target
+    return _build_atomically(path, _build_into, seed, overwrite)
 
 
 def _save_clip_model(model: Any, folder: pathlib.Path) -> None:
@@ -349,22 +324,25 @@ def _build_clip_into(folder: pathlib.Path, seed: int) -> None:
     (folder / "tokenizer.json").unlink(missing_ok=True)
 
 
-def _build_atomically(target: pathlib.Path, build: Any, seed: int, overwrite: bool) -> pathlib.Path:
-    """Builds into a temporary sibling folder with `build(folder, seed)`, then renames it into place."""
+def _build_atomically(
+    path: str | os.PathLike, build: Callable[[pathlib.Path, int], None], seed: int, overwrite: bool
+) -> pathlib.Path:
+    """Builds into a temporary sibling folder with `build(folder, seed)`, then renames it into place.
+
+    `build` creates `folder` itself. Returns the absolute target path.
+    """
+    target = pathlib.Path(path).expanduser().absolute()
+    occupied = f"{target} exists and is not empty; pass overwrite=True to replace it."
     if _is_occupied(target) and not overwrite:
-        raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True to replace it."
-        )
+        raise FileExistsError(occupied)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tmp.rmdir()  # the builder creates the folder itself (with the default mode)
+        tmp.rmdir()  # the builder creates the folder itself
         build(tmp, seed)
         if _is_occupied(target):
             if not overwrite:
-                raise FileExistsError(
-                    f"{target} exists and is not empty; pass overwrite=True to replace it."
-                )
+                raise FileExistsError(occupied)
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "old")
             os.replace(tmp, target)
@@ -406,5 +384,202 @@ def build_tiny_clip(
     Raises:
         `FileExistsError`: If `path` exists, is non-empty and `overwrite` is `False`.
     """
+    return _build_atomically(path, _build_clip_into, seed, overwrite)
+
+
+# --------------------------------------------------------------------------------------------- DeepFloyd IF
+
+#: Words of the tiny T5 vocabulary (SentencePiece style: `▁` marks the start of a word); any other text falls
+#: back to single characters, so every prompt tokenizes to something distinct.
+T5_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "on", "corgi", "dog", "cat", "hamburger", "photo", "DSLR", "zoomed",
+    "out", "front", "side", "back", "backside", "overhead", "view", "blurry", "low", "quality",
+)  # fmt: skip
+T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.'\"-!?:;()"
+T5_SPECIAL: tuple[str, ...] = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+
+T5_ENCODER_CONFIG: dict[str, Any] = {
+    "d_model": 16,
+    "d_kv": 8,
+    "d_ff": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "relative_attention_num_buckets": 8,
+    "dropout_rate": 0.0,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False,
+    "use_cache": False,
+}
+
+#: IF stage I's UNet layout, shrunk: 3 → 6 channels (ε and learned variance), text projection and pooling of
+#: the T5 states (`encoder_hid_dim`, `addition_embed_type="text"`), scale-shift resnets, simple cross attention.
+IF_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 6,
+    "down_block_types": ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    "up_block_types": ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "encoder_hid_dim": T5_ENCODER_CONFIG["d_model"],
+    "addition_embed_type": "text",
+    "addition_embed_type_num_heads": 2,
+    "resnet_time_scale_shift": "scale_shift",
+    "resnet_skip_time_act": True,
+    "resnet_out_scale_factor": 1.414,
+    "act_fn": "gelu",
+    "time_embedding_act_fn": "gelu",
+}
+
+#: DeepFloyd IF-I's scheduler: cosine betas, learned-range variance, 1000 steps.
+IF_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "variance_type": "learned_range",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.95,
+    "sample_max_value": 1.5,
+}
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    vocab: list[tuple[str, float]] = [(t, 0.0) for t in T5_SPECIAL] + [("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -5.0) for w in T5_WORDS]
+    vocab += [(c, -8.0) for c in T5_CHARS]
+    if len({t for t, _ in vocab}) != len(vocab):
+        raise ValueError("Duplicate tokens in the tiny T5 vocabulary.")
+    return vocab
+
+
+def _write_t5_tokenizer(folder: pathlib.Path, vocab: list[tuple[str, float]]) -> None:
+    """A Unigram `tokenizer.json` (tokenizers 0.13 format, read by 0.13 and 0.2x) + T5 tokenizer config.
+
+    No SentencePiece model and no download: `T5TokenizerFast` / `AutoTokenizer` load it in transformers 4.28
+    and 5.x alike.
+    """
+    folder.mkdir(parents=True)
+    eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+    seq = {"Sequence": {"id": "A", "type_id": 0}}
+    seq_b = {"Sequence": {"id": "B", "type_id": 0}}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in enumerate(T5_SPECIAL)
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [{"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}],
+        },
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [seq, eos],
+            "pair": [seq, eos, seq_b, eos],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}},
+        },
+        "decoder": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": [list(v) for v in vocab]},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    _write_json(folder / "special_tokens_map.json", special)
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "T5Tokenizer",
+            "model_max_length": MODEL_MAX_LENGTH,
+            "extra_ids": 0,
+            "additional_special_tokens": [],
+            **special,
+        },
+    )
+
+
+def _build_deepfloyd_into(folder: pathlib.Path, seed: int) -> None:
+    import diffusers
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    vocab = _t5_vocab()
+    folder.mkdir(parents=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**IF_UNET_CONFIG)
+        torch.manual_seed(seed + 2)
+        special: dict[str, Any] = {
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        }
+        text_config = T5Config(vocab_size=len(vocab), **special, **T5_ENCODER_CONFIG)
+        text_encoder = T5EncoderModel(text_config)
+    _save(unet, folder / "unet")
+    _save(text_encoder, folder / "text_encoder")
+    _write_t5_tokenizer(folder / "tokenizer", vocab)
+    scheduler: Any = DDPMScheduler(**IF_SCHEDULER_CONFIG)
+    scheduler.save_pretrained(folder / "scheduler")
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "IFPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "watermarker": [None, None],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "T5TokenizerFast"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        },
+    )
+
+
+def build_tiny_deepfloyd_if(
+    path: str | os.PathLike, seed: int = 0, *, overwrite: bool = False
+) -> pathlib.Path:
+    """
+    Builds a tiny, randomly initialised DeepFloyd IF stage I checkpoint folder (diffusers layout).
+
+    `unet/` is a `UNet2DConditionModel` with IF-I's layout (3 input channels, 6 output channels: ε and the
+    learned variance, 64x64 samples, `encoder_hid_dim` projecting the T5 states to `cross_attention_dim` 32),
+    `text_encoder/` a 2-layer `T5EncoderModel` (d_model 16), `tokenizer/` a T5 tokenizer built locally (a
+    Unigram `tokenizer.json`, no SentencePiece needed), `scheduler/` a `DDPMScheduler` with IF's config
+    (squaredcos_cap_v2, learned_range, 1000 steps). Loads with the per-component `from_pretrained` calls in
+    diffusers 0.19 / transformers 4.28 and diffusers 0.4x / transformers 5.x.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            Target folder. It is built in a temporary sibling folder first and then renamed into place.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the weight initialisation; the caller's global torch RNG state is left untouched.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Whether to replace an existing non-empty `path`.
+
+    Returns:
+        `pathlib.Path`: The absolute path of the checkpoint folder.
+
+    Raises:
+        `FileExistsError`: If `path` exists, is non-empty and `overwrite` is `False`.
+    """
     target = pathlib.Path(path).expanduser().absolute()
-    return _build_atomically(target, _build_clip_into, seed, overwrite)
+    return _build_atomically(target, _build_deepfloyd_into, seed, overwrite)

@@ -101,11 +101,32 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         if cfg.perp_neg_scheme is not None:
             make_scheme(cfg.perp_neg_scheme)  # validate now, not at the first step
         mw = cfg.perp_neg_min_weight
-        if not isinstance(mw, (int, float)) or not math.isfinite(mw) or mw < 0:
+        if (
+            isinstance(mw, bool)
+            or not isinstance(mw, (int, float))
+            or not math.isfinite(mw)
+            or mw < 0
+        ):
             raise ValueError(f"perp_neg_min_weight: expected a finite number >= 0, got {mw!r}")
 
-        threestudio.info("Loading Stable Diffusion ...")
         self.weights_dtype = torch.float16 if cfg.half_precision_weights else torch.float32
+        self._load_models()
+        self.num_train_timesteps = self.engine.num_train_timesteps
+        self.alphas = self.engine.alphas
+        self.generator: Optional[torch.Generator] = None
+        if cfg.seed is not None:
+            # Offset by rank as threestudio seeds its RNG: DDP ranks must not draw the same noise.
+            seed = int(cfg.seed) + get_rank()
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.grad_clip_val: Optional[float] = None
+        self._warned_flag = False
+        self.set_min_max_steps()
+        cleanup()
+
+    def _load_models(self) -> None:
+        """Load the prior and build ``self.engine`` (subclasses swap the model family)."""
+        cfg = self.cfg
+        threestudio.info("Loading Stable Diffusion ...")
         self.unet, self.vae, self.scheduler = load_stable_diffusion(
             cfg.pretrained_model_name_or_path,
             dtype=self.weights_dtype,
@@ -120,17 +141,6 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             weights_dtype=self.weights_dtype,
             device=self.device,
         )
-        self.num_train_timesteps = self.engine.num_train_timesteps
-        self.alphas = self.engine.alphas
-        self.generator: Optional[torch.Generator] = None
-        if cfg.seed is not None:
-            # Offset by rank as threestudio seeds its RNG: DDP ranks must not draw the same noise.
-            seed = int(cfg.seed) + get_rank()
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.grad_clip_val: Optional[float] = None
-        self._warned_flag = False
-        self.set_min_max_steps()
-        cleanup()
         threestudio.info("Loaded Stable Diffusion!")
 
     def _memory_options(self) -> None:
@@ -145,7 +155,8 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             from accelerate import cpu_offload
 
             for module in (self.unet, self.vae):
-                cpu_offload(module, self.device)
+                if module is not None:  # DeepFloyd IF has no VAE
+                    cpu_offload(module, self.device)
         if cfg.token_merging:
             import tomesd
 

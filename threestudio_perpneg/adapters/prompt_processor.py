@@ -84,6 +84,9 @@ class PerpNegPromptProcessor(PromptProcessor):
 
     cfg: Config
 
+    #: Text encoder of :func:`~threestudio_perpneg.text.encode_prompts` (``clip`` or ``t5``).
+    text_encoder_kind = "clip"
+
     # threestudio's base class spawns a process to encode; we encode in-process on rank 0.
     def configure_text_encoder(self) -> None:
         pass
@@ -170,6 +173,7 @@ class PerpNegPromptProcessor(PromptProcessor):
             cfg.cache_dir,
             use_cache=cfg.use_cache,
             device=self.device,
+            encoder=self.text_encoder_kind,
         )
         cleanup()
         self.bank = PromptBank.from_embeddings(
@@ -197,7 +201,10 @@ class PerpNegPromptProcessor(PromptProcessor):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         emb = encode_prompts(
-            self.cfg.pretrained_model_name_or_path, prompts + negatives, self.device
+            self.cfg.pretrained_model_name_or_path,
+            prompts + negatives,
+            self.device,
+            encoder=self.text_encoder_kind,
         )
         return emb[: len(prompts)], emb[len(prompts) :]
 

@@ -15,6 +15,13 @@ Two parts, both over threestudio's random-camera distribution (``random-camera-d
     Warm-up, then several repeats over the same camera batches with the same timesteps and noise;
     median per-step times and their ratios are printed.
 
+With ``--guidance if|vsd|all`` part (b) is repeated for DeepFloyd IF stage I SDS
+(:func:`~threestudio_perpneg.deepfloyd.if_sds_step`, pixel space, tiny random IF from
+:func:`~threestudio_perpneg.tiny.build_tiny_deepfloyd_if` unless ``--if-model``) and for VSD
+(:func:`~threestudio_perpneg.vsd.vsd_step` with a :class:`~threestudio_perpneg.vsd.LoRAUNet` on the
+same SD UNet; the table adds the LoRA rows per step, 2·B guided + B training, which Perp-Neg leaves
+alone). Part (a) is the same for every prior: it depends only on the cameras.
+
 Camera sampling follows threestudio's ``RandomCameraIterableDataset.collate``: elevation is, per
 batch with probability 1/2, uniform in degrees over ``elevation_range``, otherwise uniform on the
 sphere (inverse-sine sampling); azimuth is uniform over ``azimuth_range`` and, with
@@ -25,6 +32,7 @@ threestudio's datamodule defaults are ``elevation_range=(-10, 90)``, ``batch_siz
 Examples::
 
     python benchmarks/bench_perpneg.py                      # tiny random SD, CPU, < 1 minute
+    python benchmarks/bench_perpneg.py --guidance all       # SD, DeepFloyd IF and VSD, < 3 minutes
     python benchmarks/bench_perpneg.py --unet mid           # intermediate random UNet, CPU
     python benchmarks/bench_perpneg.py --unet full --device cuda --fp16 --batch-size 4
     python benchmarks/bench_perpneg.py --model stabilityai/stable-diffusion-2-1-base --fp16
@@ -352,6 +360,352 @@ def _quiet_hf() -> None:
             __import__(mod, fromlist=["disable_progress_bar"]).disable_progress_bar()
 
 
+# ------------------------------------------------------------------- other priors
+GUIDANCES: Dict[str, Tuple[str, ...]] = {
+    "sd": ("sd",),
+    "if": ("if",),
+    "vsd": ("vsd",),
+    "all": ("sd", "if", "vsd"),
+}
+
+GUIDANCE_TITLES = {
+    "sd": "SDS",
+    "if": "DeepFloyd IF SDS",
+    "vsd": "VSD",
+}
+
+
+def t5_bank(pretrained: str, prompt: str, device: torch.device) -> PromptBank:
+    """Embeddings from the IF checkpoint's own T5 encoder (threestudio's view suffixes)."""
+    from threestudio_perpneg.text import encode_prompts, view_prompts
+
+    emb = encode_prompts(
+        pretrained, [prompt, *view_prompts(prompt), ""], device="cpu", encoder="t5"
+    )
+    dim = emb.shape[-1]
+    return PromptBank(
+        prompt=emb[0],
+        views=emb[1:5],
+        uncond=emb[5].expand(4, -1, -1).contiguous(),
+        negatives=torch.zeros(0, emb.shape[1], dim),
+        negative_weights=torch.zeros(0),
+    ).to(device)
+
+
+def build_if(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: str
+) -> Tuple[Any, Any, PromptBank, str]:
+    """(unet, scheduler, prompt bank, description) of DeepFloyd IF stage I."""
+    from threestudio_perpneg.deepfloyd import load_deepfloyd_if
+
+    if args.if_model:
+        pretrained, what = args.if_model, f"{args.if_model} (pretrained weights)"
+    else:
+        from threestudio_perpneg.tiny import build_tiny_deepfloyd_if
+
+        pretrained = str(build_tiny_deepfloyd_if(os.path.join(workdir, "tiny-if"), args.seed))
+        what = "tiny random IF stage I (threestudio_perpneg.tiny.build_tiny_deepfloyd_if)"
+    unet, scheduler = load_deepfloyd_if(pretrained, dtype=dtype, device=device)
+    bank = t5_bank(pretrained, args.prompt, device)
+    return unet, scheduler, bank, what + f"; T5 text embeddings of {args.prompt!r}"
+
+
+def c2w_matrices(elevation: Tensor, azimuth: Tensor, distance: Tensor) -> Tensor:
+    """Camera-to-world ``[B, 4, 4]`` looking at the origin, z up (threestudio's convention)."""
+    e, a = torch.deg2rad(elevation.float()), torch.deg2rad(azimuth.float())
+    pos = torch.stack(
+        [distance * torch.cos(e) * torch.cos(a), distance * torch.cos(e) * torch.sin(a),
+         distance * torch.sin(e)],
+        dim=-1,
+    )  # fmt: skip
+    up = torch.tensor([0.0, 0.0, 1.0]).expand_as(pos)
+    lookat = torch.nn.functional.normalize(-pos, dim=-1)
+    right = torch.nn.functional.normalize(torch.cross(lookat, up, dim=-1), dim=-1)
+    up = torch.nn.functional.normalize(torch.cross(right, lookat, dim=-1), dim=-1)
+    c2w = torch.zeros(pos.shape[0], 4, 4)
+    c2w[:, :3, :3] = torch.stack([right, up, -lookat], dim=-1)
+    c2w[:, :3, 3] = pos
+    c2w[:, 3, 3] = 1.0
+    return c2w
+
+
+def time_guidance(
+    guidance: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    thresholds: ViewThresholds,
+    workdir: str,
+) -> Dict[str, Any]:
+    """Part (b) for one guidance: per-step times, UNet branches and losses of every method."""
+    b = args.batch_size
+    t0 = time.perf_counter()
+    lora: Any = None
+    lora_scheduler: Any = None
+    if guidance == "if":
+        from threestudio_perpneg.deepfloyd import PerpNegIFEngine, if_sds_step
+
+        unet, scheduler, bank, what = build_if(args, device, dtype, workdir)
+        engine: PerpNegSDSEngine = PerpNegIFEngine(
+            unet, scheduler, weights_dtype=dtype, device=device
+        )
+    else:
+        unet, vae, scheduler, bank, what = build_models(args, device, dtype, workdir)
+        engine = PerpNegSDSEngine(unet, vae, scheduler, weights_dtype=dtype, device=device)
+        if guidance == "vsd":
+            from diffusers import DDPMScheduler
+
+            from threestudio_perpneg.vsd import LoRAUNet
+
+            with _seeded(args.seed + 3):
+                lora = LoRAUNet(unet, weights_dtype=dtype)
+            lora_scheduler = DDPMScheduler.from_config(scheduler.config)
+            what += "; LoRA rank 4 on the same UNet (LoRAUNet), camera embedding"
+    build_s = time.perf_counter() - t0
+    if guidance == "vsd":
+        from threestudio_perpneg.vsd import VSDSettings, vsd_step
+
+        vsd_settings = VSDSettings()
+        guidance_scale = vsd_settings.guidance_scale
+    else:
+        settings = SDSSettings(guidance_scale=args.guidance_scale)
+        guidance_scale = args.guidance_scale
+    n_t = engine.num_train_timesteps
+    min_step, max_step = int(n_t * args.min_step_percent), int(n_t * args.max_step_percent)
+
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    n_cams = args.steps
+    elev, azim, dist = sample_cameras(
+        n_cams,
+        b,
+        args.elevation_range,
+        args.azimuth_range,
+        args.camera_distance_range,
+        batch_uniform_azimuth=not args.no_batch_uniform_azimuth,
+        generator=gen,
+    )
+    channels = 3 if (args.with_vae or guidance == "if") else 4
+    size = 64
+    renders = [torch.rand(b, size, size, channels, generator=gen).to(device) for _ in range(n_cams)]
+    cameras = [c2w_matrices(elev[k], azim[k], dist[k]).to(device) for k in range(n_cams)]
+    schemes = {name: make_scheme(name) for name in SCHEME_NAMES}
+
+    conditioners: Dict[str, Callable[[Tensor, Tensor], StepConditioning]] = {
+        "vanilla": lambda e, a: step_conditioning(
+            bank, e, a, scheme=schemes["threestudio"], thresholds=thresholds, perp_neg=False
+        ),
+        "threestudio-4B": lambda e, a: threestudio_style_conditioning(
+            bank, e, a, schemes["threestudio"], thresholds
+        ),
+    }
+    for name in SCHEME_NAMES:
+        conditioners[f"ours-{name}"] = lambda e, a, s=schemes[name]: step_conditioning(
+            bank, e, a, scheme=s, thresholds=thresholds, min_weight=args.min_weight
+        )
+    methods = ["vanilla", "ours-threestudio", "ours-authors", "threestudio-4B"]
+    losses: Dict[str, List[float]] = {m: [] for m in methods}
+    lora_rows = [0]
+    if lora is not None:
+        lora.register_forward_pre_hook(
+            lambda _mod, inputs: lora_rows.__setitem__(0, lora_rows[0] + inputs[0].shape[0])
+        )
+
+    def step(method: str, k: int, record: bool = False) -> None:
+        e, a, d = elev[k], azim[k], dist[k]
+        cond = conditioners[method](e, a)
+        rgb = renders[k].detach().requires_grad_(True)
+        g = torch.Generator(device=device).manual_seed(args.seed * 1000 + k)
+        common = dict(min_step=min_step, max_step=max_step, generator=g)
+        if guidance == "if":
+            out = if_sds_step(
+                engine,  # type: ignore[arg-type]
+                rgb,
+                cond,
+                settings,
+                elevation=e,
+                azimuth=a,
+                camera_distances=d,
+                **common,  # type: ignore[arg-type]
+            )
+            loss = out["loss_sds"]
+        elif guidance == "vsd":
+            lora.zero_grad(set_to_none=True)
+            prompt = bank.prompt.expand(b, -1, -1)
+            out = vsd_step(
+                engine,
+                lora,
+                lora_scheduler,
+                rgb,
+                cond,
+                prompt,
+                cameras[k],
+                vsd_settings,
+                rgb_as_latents=not args.with_vae,
+                **common,  # type: ignore[arg-type]
+            )
+            loss = out["loss_vsd"]
+            (out["loss_vsd"] + out["loss_lora"]).backward()
+        else:
+            out = sds_step(
+                engine,
+                rgb,
+                cond,
+                settings,
+                elevation=e,
+                azimuth=a,
+                camera_distances=d,
+                rgb_as_latents=not args.with_vae,
+                **common,  # type: ignore[arg-type]
+            )
+            loss = out["loss_sds"]
+        if guidance != "vsd":
+            loss.backward()
+        if record:
+            losses[method].append(float(loss.detach()))
+
+    # Warm-up: untimed passes over the camera batches; the first records the losses.
+    for w in range(args.warmup):
+        for m in methods:
+            for k in range(args.steps):
+                step(m, k, record=w == 0)
+    _sync(device)
+
+    times: Dict[str, List[float]] = {m: [] for m in methods}
+    branches: Dict[str, float] = {}
+    lora_per_step: Dict[str, float] = {}
+    for r in range(args.repeats):
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
+        for m in order:
+            before, lora_before = engine.unet_branches, lora_rows[0]
+            _sync(device)
+            t_start = time.perf_counter()
+            for k in range(args.steps):
+                step(m, k)
+            _sync(device)
+            times[m].append((time.perf_counter() - t_start) / args.steps)
+            branches[m] = (engine.unet_branches - before) / args.steps
+            lora_per_step[m] = (lora_rows[0] - lora_before) / args.steps
+    return {
+        "methods": methods,
+        "times": times,
+        "branches": branches,
+        "lora_rows": lora_per_step if lora is not None else None,
+        "losses": losses,
+        "what": what,
+        "params": _n_params(unet),
+        "lora_params": _n_params(lora) if lora is not None else None,
+        "build_s": build_s,
+        "min_step": min_step,
+        "max_step": max_step,
+        "guidance_scale": guidance_scale,
+    }
+
+
+def report(
+    guidance: str,
+    args: argparse.Namespace,
+    res: Dict[str, Any],
+    means: Dict[str, float],
+    dtype: torch.dtype,
+) -> None:
+    """Prints part (b) of one guidance."""
+    b = args.batch_size
+    methods, times, branches = res["methods"], res["times"], res["branches"]
+    min_step, max_step = res["min_step"], res["max_step"]
+    med = {m: statistics.median(times[m]) for m in methods}
+    title = GUIDANCE_TITLES[guidance]
+    if guidance == "sd":
+        labels = {
+            "vanilla": "vanilla SDS (ours, perp_neg=False)",
+            "ours-threestudio": "ours Perp-Neg, threestudio weights",
+            "ours-authors": "ours Perp-Neg, authors weights",
+            "threestudio-4B": "threestudio-style Perp-Neg (4B rows)",
+        }
+        head = "(b)"
+    else:
+        labels = {
+            "vanilla": f"vanilla {title} (ours, perp_neg=False)",
+            "ours-threestudio": "ours Perp-Neg, threestudio weights",
+            "ours-authors": "ours Perp-Neg, authors weights",
+            "threestudio-4B": "threestudio-style Perp-Neg (4B rows)",
+        }
+        head = f"(b, {guidance})"
+    step_name = "VSD" if guidance == "vsd" else "SDS"
+    print()
+    print(
+        f"{head} wall time per {step_name} step{'' if guidance in ('sd', 'vsd') else f' ({title})'}: "
+        f"{args.steps} camera batches x {args.repeats} repeats after "
+        f"{args.warmup} warm-up pass(es), median of repeats"
+    )
+    print(
+        f"  UNet: {res['what']}; {res['params']:.1f}M parameters, "
+        f"{str(dtype).replace('torch.', '')}"
+        + (f"; LoRA {res['lora_params'] * 1e3:.1f}K parameters" if res["lora_params"] else "")
+    )
+    if guidance == "sd":
+        print(
+            f"  step = conditioning + sds_step ({'VAE encode of 512x512 renders' if args.with_vae else 'rgb_as_latents=True, no VAE'}) "
+            f"+ backward; guidance_scale {args.guidance_scale}, t in [{min_step}, {max_step}]; "
+            f"models built in {res['build_s']:.1f} s"
+        )
+    elif guidance == "if":
+        print(
+            "  step = conditioning + if_sds_step (64x64 RGB renders, pixel space, 6-channel UNet) "
+            f"+ backward; guidance_scale {res['guidance_scale']}, t in [{min_step}, {max_step}]; "
+            f"models built in {res['build_s']:.1f} s"
+        )
+    else:
+        print(
+            f"  step = conditioning + vsd_step ({'VAE encode of 512x512 renders' if args.with_vae else 'rgb_as_latents=True, no VAE'}; "
+            "pretrained branch + LoRA guided prediction + LoRA loss) + backward of "
+            f"loss_vsd + loss_lora; guidance_scale {res['guidance_scale']} (cfg, threestudio's VSD "
+            f"default), t in [{min_step}, {max_step}]; models built in {res['build_s']:.1f} s"
+        )
+    rows_b = []
+    for m in methods:
+        spread = f"{min(times[m]) * 1e3:.1f}-{max(times[m]) * 1e3:.1f}"
+        row = [labels[m], f"{branches[m]:.2f}"]
+        if res["lora_rows"] is not None:
+            row.append(f"{res['lora_rows'][m]:.2f}")
+        row += [
+            f"{med[m] * 1e3:.2f}",
+            spread,
+            f"{med[m] / med['vanilla']:.3f}",
+            f"{med[m] / med['threestudio-4B']:.3f}",
+        ]
+        rows_b.append(row)
+    header = ["method", "branches/step"]
+    if res["lora_rows"] is not None:
+        header.append("LoRA rows/step")
+    header += ["median ms", "range ms", "vs vanilla", "vs 4B"]
+    print(_table(header, rows_b))
+
+    # Equivalence: zero-weight negatives contribute nothing, so ours and the 4B emulation agree.
+    losses = res["losses"]
+    a_, b_ = losses["ours-threestudio"], losses["threestudio-4B"]
+    rel = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a_, b_))
+    loss_name = "loss_vsd" if guidance == "vsd" else "loss_sds"
+    print()
+    print(
+        f"check: {loss_name} of ours (threestudio weights) vs the 4B emulation over {len(a_)} steps, "
+        f"max relative difference {rel:.2e} (same t and noise; expected ~0 up to float rounding)"
+    )
+    # Cost model: linear in UNet rows between the vanilla (2B) and 4B measurements.
+    t2, t4 = med["vanilla"], med["threestudio-4B"]
+
+    def linear(rows: float) -> float:
+        return t2 + (t4 - t2) * (rows - 2 * b) / (2 * b)
+
+    for name in SCHEME_NAMES:
+        m = f"ours-{name}"
+        print(
+            f"{m}: timed batches average {branches[m]:.2f} branches/step (distribution mean "
+            f"{means[m]:.2f}); linear-in-rows model predicts {linear(branches[m]) * 1e3:.2f} ms, "
+            f"measured {med[m] * 1e3:.2f} ms; at the distribution mean: "
+            f"{linear(means[m]) / t2:.3f}x vanilla, {linear(means[m]) / t4:.3f}x the 4B step"
+        )
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -365,6 +719,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="diffusers folder or cached hub id (real weights; overrides --unet)",
     )
     p.add_argument("--prompt", default="a corgi", help="prompt for CLIP embeddings (tiny/--model)")
+    p.add_argument(
+        "--guidance",
+        choices=tuple(GUIDANCES),
+        default="sd",
+        help="prior(s) of part (b): Stable Diffusion SDS, DeepFloyd IF SDS, VSD, or all three",
+    )
+    p.add_argument(
+        "--if-model",
+        default=None,
+        help="DeepFloyd IF stage I folder or cached hub id (default: tiny random IF)",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--fp16", action="store_true", help="UNet/VAE in float16 (CUDA only)")
     p.add_argument("--steps", type=int, default=6, help="timed camera batches per repeat")
@@ -467,153 +832,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows,
         )
     )
-
-    # (b) timing
-    with tempfile.TemporaryDirectory(prefix="bench-perpneg-") as workdir:
-        t0 = time.perf_counter()
-        unet, vae, scheduler, bank, what = build_models(args, device, dtype, workdir)
-        build_s = time.perf_counter() - t0
-        engine = PerpNegSDSEngine(unet, vae, scheduler, weights_dtype=dtype, device=device)
-        settings = SDSSettings(guidance_scale=args.guidance_scale)
-        n_t = engine.num_train_timesteps
-        min_step, max_step = int(n_t * args.min_step_percent), int(n_t * args.max_step_percent)
-
-        gen = torch.Generator().manual_seed(args.seed + 2)
-        n_cams = args.steps
-        elev, azim, dist = sample_cameras(
-            n_cams,
-            b,
-            args.elevation_range,
-            args.azimuth_range,
-            args.camera_distance_range,
-            batch_uniform_azimuth=not args.no_batch_uniform_azimuth,
-            generator=gen,
-        )
-        channels = 3 if args.with_vae else 4
-        size = 64
-        renders = [
-            torch.rand(b, size, size, channels, generator=gen).to(device) for _ in range(n_cams)
-        ]
-        schemes = {name: make_scheme(name) for name in SCHEME_NAMES}
-
-        conditioners: Dict[str, Callable[[Tensor, Tensor], StepConditioning]] = {
-            "vanilla": lambda e, a: step_conditioning(
-                bank, e, a, scheme=schemes["threestudio"], thresholds=thresholds, perp_neg=False
-            ),
-            "threestudio-4B": lambda e, a: threestudio_style_conditioning(
-                bank, e, a, schemes["threestudio"], thresholds
-            ),
-        }
-        for name in SCHEME_NAMES:
-            conditioners[f"ours-{name}"] = lambda e, a, s=schemes[name]: step_conditioning(
-                bank, e, a, scheme=s, thresholds=thresholds, min_weight=args.min_weight
-            )
-        methods = ["vanilla", "ours-threestudio", "ours-authors", "threestudio-4B"]
-        losses: Dict[str, List[float]] = {m: [] for m in methods}
-
-        def step(method: str, k: int, record: bool = False) -> None:
-            e, a, d = elev[k], azim[k], dist[k]
-            cond = conditioners[method](e, a)
-            rgb = renders[k].detach().requires_grad_(True)
-            g = torch.Generator(device=device).manual_seed(args.seed * 1000 + k)
-            out = sds_step(
-                engine,
-                rgb,
-                cond,
-                settings,
-                min_step=min_step,
-                max_step=max_step,
-                elevation=e,
-                azimuth=a,
-                camera_distances=d,
-                rgb_as_latents=not args.with_vae,
-                generator=g,
-            )
-            out["loss_sds"].backward()
-            if record:
-                losses[method].append(float(out["loss_sds"].detach()))
-
-        # Warm-up: untimed passes over the camera batches; the first records the losses.
-        for w in range(args.warmup):
-            for m in methods:
-                for k in range(args.steps):
-                    step(m, k, record=w == 0)
-        _sync(device)
-
-        times: Dict[str, List[float]] = {m: [] for m in methods}
-        branches: Dict[str, float] = {}
-        for r in range(args.repeats):
-            order = methods[r % len(methods) :] + methods[: r % len(methods)]
-            for m in order:
-                before = engine.unet_branches
-                _sync(device)
-                t_start = time.perf_counter()
-                for k in range(args.steps):
-                    step(m, k)
-                _sync(device)
-                times[m].append((time.perf_counter() - t_start) / args.steps)
-                branches[m] = (engine.unet_branches - before) / args.steps
-
-    med = {m: statistics.median(times[m]) for m in methods}
-    labels = {
-        "vanilla": "vanilla SDS (ours, perp_neg=False)",
-        "ours-threestudio": "ours Perp-Neg, threestudio weights",
-        "ours-authors": "ours Perp-Neg, authors weights",
-        "threestudio-4B": "threestudio-style Perp-Neg (4B rows)",
-    }
-    print()
-    print(
-        f"(b) wall time per SDS step: {args.steps} camera batches x {args.repeats} repeats after "
-        f"{args.warmup} warm-up pass(es), median of repeats"
-    )
-    print(f"  UNet: {what}; {_n_params(unet):.1f}M parameters, {str(dtype).replace('torch.', '')}")
-    print(
-        f"  step = conditioning + sds_step ({'VAE encode of 512x512 renders' if args.with_vae else 'rgb_as_latents=True, no VAE'}) "
-        f"+ backward; guidance_scale {args.guidance_scale}, t in [{min_step}, {max_step}]; "
-        f"models built in {build_s:.1f} s"
-    )
-    rows_b = []
-    for m in methods:
-        spread = f"{min(times[m]) * 1e3:.1f}-{max(times[m]) * 1e3:.1f}"
-        rows_b.append(
-            [
-                labels[m],
-                f"{branches[m]:.2f}",
-                f"{med[m] * 1e3:.2f}",
-                spread,
-                f"{med[m] / med['vanilla']:.3f}",
-                f"{med[m] / med['threestudio-4B']:.3f}",
-            ]
-        )
-    print(
-        _table(
-            ["method", "branches/step", "median ms", "range ms", "vs vanilla", "vs 4B"],
-            rows_b,
-        )
-    )
-
-    # Equivalence: zero-weight negatives contribute nothing, so ours and the 4B emulation agree.
-    a_, b_ = losses["ours-threestudio"], losses["threestudio-4B"]
-    rel = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a_, b_))
-    print()
-    print(
-        f"check: loss_sds of ours (threestudio weights) vs the 4B emulation over {len(a_)} steps, "
-        f"max relative difference {rel:.2e} (same t and noise; expected ~0 up to float rounding)"
-    )
-    # Cost model: linear in UNet rows between the vanilla (2B) and 4B measurements.
-    t2, t4 = med["vanilla"], med["threestudio-4B"]
-
-    def linear(rows: float) -> float:
-        return t2 + (t4 - t2) * (rows - 2 * b) / (2 * b)
-
-    for name in SCHEME_NAMES:
-        m = f"ours-{name}"
+    if args.guidance != "sd":
         print(
-            f"{m}: timed batches average {branches[m]:.2f} branches/step (distribution mean "
-            f"{means[m]:.2f}); linear-in-rows model predicts {linear(branches[m]) * 1e3:.2f} ms, "
-            f"measured {med[m] * 1e3:.2f} ms; at the distribution mean: "
-            f"{linear(means[m]) / t2:.3f}x vanilla, {linear(means[m]) / t4:.3f}x the 4B step"
+            "  (the same for every prior: SD, DeepFloyd IF and VSD's pretrained branch; the "
+            "branches depend only on the cameras)"
         )
+
+    for guidance in GUIDANCES[args.guidance]:
+        if guidance == "vsd":
+            print()
+            print(
+                "(a') VSD: the pretrained branch counts as above (Perp-Neg applies to it only); the "
+                "LoRA model adds, per step, 2·B rows of its camera/zero-camera guided prediction "
+                f"and B·n rows of its training loss (n = lora_n_timestamp_samples = 1): "
+                f"{3 * b} LoRA rows, independent of the cameras and of Perp-Neg"
+            )
+        with tempfile.TemporaryDirectory(prefix="bench-perpneg-") as workdir:
+            result = time_guidance(guidance, args, device, dtype, thresholds, workdir)
+        report(guidance, args, result, means, dtype)
     return 0
 
 

@@ -21,7 +21,15 @@ from torch import Tensor
 
 from .conditioning import StepConditioning
 from .core import GuidancePredictions, perp_neg_guidance
-from .sd import PerpNegSDSEngine, SDSSettings, _full_precision, _randn, _replace_nonfinite
+from .sd import (
+    PerpNegSDSEngine,
+    SDSSettings,
+    _full_precision,
+    _replace_nonfinite,
+    draw_timesteps_and_noise,
+    eval_texts,
+    reparameterised_loss,
+)
 from .text import resolve_pretrained
 
 __all__ = ["IF_RESOLUTION", "load_deepfloyd_if", "PerpNegIFEngine", "if_sds_step"]
@@ -240,22 +248,10 @@ def if_sds_step(
         raise ValueError("use_sjc: score Jacobian chaining is not implemented for DeepFloyd IF")
     if settings.use_img_loss:
         raise ValueError("use_img_loss: DeepFloyd IF already works in image space")
-    batch = rgb.shape[0]
     x = rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
     x = F.interpolate(x, (IF_RESOLUTION, IF_RESOLUTION), mode="bilinear", align_corners=False)
 
-    if t is None:
-        t = torch.randint(
-            min_step,
-            max_step + 1,
-            [batch],
-            dtype=torch.long,
-            device=engine.device,
-            generator=generator,
-        )
-    t = t.to(engine.device)
-    if noise is None:
-        noise = _randn(x.shape, x, generator)
+    t, noise = draw_timesteps_and_noise(engine, x, min_step, max_step, generator, t, noise)
 
     scale = settings.scale
     with torch.no_grad():
@@ -265,11 +261,7 @@ def if_sds_step(
         w = engine.sds_weight(t, settings.weighting_strategy)
         grad = w * (eps_hat - noise)
 
-    grad = torch.nan_to_num(grad)
-    if grad_clip_val is not None:
-        grad = grad.clamp(-grad_clip_val, grad_clip_val)
-    target = (x - grad).detach()
-    loss_sds = 0.5 * F.mse_loss(x, target, reduction="sum") / batch
+    loss_sds, grad = reparameterised_loss(x, grad, grad_clip_val)
 
     out: Dict[str, Any] = {
         "loss_sds": loss_sds,
@@ -289,9 +281,6 @@ def if_sds_step(
             max_items_eval,
             generator=generator,
         )
-        ev["texts"] = [
-            f"n{n:.02f}\ne{e.item():.01f}\na{a.item():.01f}\nc{c.item():.02f}"
-            for n, e, a, c in zip(ev["noise_levels"], elevation, azimuth, camera_distances)
-        ]
+        ev["texts"] = eval_texts(ev["noise_levels"], elevation, azimuth, camera_distances)
         out["eval"] = ev
     return out

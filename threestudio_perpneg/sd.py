@@ -337,6 +337,66 @@ def _replace_nonfinite(eps_hat: Tensor, noise: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.where(bad, noise, eps_hat), bad.sum().to(torch.float32)
 
 
+def renders_to_latents(
+    engine: PerpNegSDSEngine,
+    rgb: Tensor,
+    rgb_as_latents: bool,
+    generator: Optional[torch.Generator],
+) -> Tuple[Tensor, Tensor]:
+    """(renders at 512 px ``[B, C, 512, 512]``, latents ``[B, 4, 64, 64]``) of ``[B, H, W, C]`` renders."""
+    rgb_bchw = rgb.permute(0, 3, 1, 2)
+    rgb_512 = F.interpolate(rgb_bchw, (512, 512), mode="bilinear", align_corners=False)
+    if rgb_as_latents:
+        return rgb_512, F.interpolate(rgb_bchw, (64, 64), mode="bilinear", align_corners=False)
+    return rgb_512, engine.encode_images(rgb_512, generator=generator)
+
+
+def draw_timesteps_and_noise(
+    engine: PerpNegSDSEngine,
+    x: Tensor,
+    min_step: int,
+    max_step: int,
+    generator: Optional[torch.Generator],
+    t: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """t ~ U{min_step..max_step} per sample, then ε ~ N(0, I) like ``x``: threestudio's order."""
+    if t is None:
+        t = torch.randint(
+            min_step,
+            max_step + 1,
+            [x.shape[0]],
+            dtype=torch.long,
+            device=engine.device,
+            generator=generator,
+        )
+    t = t.to(engine.device)
+    if noise is None:
+        noise = _randn(x.shape, x, generator)
+    return t, noise
+
+
+def reparameterised_loss(
+    x: Tensor, grad: Tensor, grad_clip_val: Optional[float]
+) -> Tuple[Tensor, Tensor]:
+    """(0.5·‖x − sg(x − g)‖² / B, g): d loss / d x = g, with g made finite and clipped."""
+    grad = torch.nan_to_num(grad)
+    if grad_clip_val is not None:
+        grad = grad.clamp(-grad_clip_val, grad_clip_val)
+    target = (x - grad).detach()
+    return 0.5 * F.mse_loss(x, target, reduction="sum") / x.shape[0], grad
+
+
+def eval_texts(
+    noise_levels: List[float], elevation: Tensor, azimuth: Tensor, camera_distances: Tensor
+) -> List[str]:
+    """threestudio's captions of guidance_eval images."""
+    return [
+        f"n{n:.02f}\ne{e.item():.01f}\na{a.item():.01f}\nc{c.item():.02f}"
+        for n, e, a, c in zip(noise_levels, elevation, azimuth, camera_distances)
+    ]
+
+
 def sds_step(
     engine: PerpNegSDSEngine,
     rgb: Tensor,
@@ -365,32 +425,14 @@ def sds_step(
     and reproductions); otherwise they are drawn from ``generator`` or the global RNG in threestudio's
     order: VAE posterior sample, timesteps, noise.
     """
-    batch = rgb.shape[0]
     if rgb.dim() != 4:
         raise ValueError(f"rgb: expected shape [B, H, W, C], got {tuple(rgb.shape)}")
     if rgb_as_latents and settings.use_img_loss:
         raise ValueError(
             "use_img_loss: the image-space loss needs RGB renders, got rgb_as_latents=True"
         )
-    rgb_bchw = rgb.permute(0, 3, 1, 2)
-    rgb_512 = F.interpolate(rgb_bchw, (512, 512), mode="bilinear", align_corners=False)
-    if rgb_as_latents:
-        latents = F.interpolate(rgb_bchw, (64, 64), mode="bilinear", align_corners=False)
-    else:
-        latents = engine.encode_images(rgb_512, generator=generator)
-
-    if t is None:
-        t = torch.randint(
-            min_step,
-            max_step + 1,
-            [batch],
-            dtype=torch.long,
-            device=engine.device,
-            generator=generator,
-        )
-    t = t.to(engine.device)
-    if noise is None:
-        noise = _randn(latents.shape, latents, generator)
+    rgb_512, latents = renders_to_latents(engine, rgb, rgb_as_latents, generator)
+    t, noise = draw_timesteps_and_noise(engine, latents, min_step, max_step, generator, t, noise)
 
     scale = settings.scale
     with torch.no_grad():
@@ -416,11 +458,7 @@ def sds_step(
                 denoised = engine.decode_latents((model_input - sigma * eps_hat) / alpha)
                 grad_img = w * (rgb_512 - denoised) * alpha / sigma
 
-    grad = torch.nan_to_num(grad)
-    if grad_clip_val is not None:
-        grad = grad.clamp(-grad_clip_val, grad_clip_val)
-    target = (latents - grad).detach()
-    loss_sds = 0.5 * F.mse_loss(latents, target, reduction="sum") / batch
+    loss_sds, grad = reparameterised_loss(latents, grad, grad_clip_val)
 
     out: Dict[str, Any] = {
         "loss_sds": loss_sds,
@@ -431,20 +469,13 @@ def sds_step(
         "nonfinite": nonfinite,
     }
     if grad_img is not None:
-        grad_img = torch.nan_to_num(grad_img)
-        if grad_clip_val is not None:
-            grad_img = grad_img.clamp(-grad_clip_val, grad_clip_val)
-        target_img = (rgb_512 - grad_img).detach()
-        out["loss_sds_img"] = 0.5 * F.mse_loss(rgb_512, target_img, reduction="sum") / batch
+        out["loss_sds_img"] = reparameterised_loss(rgb_512, grad_img, grad_clip_val)[0]
 
     if guidance_eval:
         ev = engine.guidance_eval(
             t, model_input, eps_hat, cond, scale, max_items_eval, generator=generator
         )
-        ev["texts"] = [
-            f"n{n:.02f}\ne{e.item():.01f}\na{a.item():.01f}\nc{c.item():.02f}"
-            for n, e, a, c in zip(ev["noise_levels"], elevation, azimuth, camera_distances)
-        ]
+        ev["texts"] = eval_texts(ev["noise_levels"], elevation, azimuth, camera_distances)
         out["eval"] = ev
     return out
 

@@ -35,7 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conditioning import StepConditioning
-from .sd import PerpNegSDSEngine, _full_precision, _randn, _replace_nonfinite, effective_scale
+from .sd import (
+    PerpNegSDSEngine,
+    _full_precision,
+    _randn,
+    _replace_nonfinite,
+    draw_timesteps_and_noise,
+    effective_scale,
+    renders_to_latents,
+    reparameterised_loss,
+)
 
 __all__ = [
     "CAMERA_CONDITION_TYPES",
@@ -458,25 +467,8 @@ def vsd_step(
             f"prompt/camera: expected {batch} rows each, got {tuple(prompt.shape)} and "
             f"{tuple(camera.shape)}"
         )
-    rgb_bchw = rgb.permute(0, 3, 1, 2)
-    rgb_512 = F.interpolate(rgb_bchw, (512, 512), mode="bilinear", align_corners=False)
-    if rgb_as_latents:
-        latents = F.interpolate(rgb_bchw, (64, 64), mode="bilinear", align_corners=False)
-    else:
-        latents = engine.encode_images(rgb_512, generator=generator)
-
-    if t is None:
-        t = torch.randint(
-            min_step,
-            max_step + 1,
-            [batch],
-            dtype=torch.long,
-            device=engine.device,
-            generator=generator,
-        )
-    t = t.to(engine.device)
-    if noise is None:
-        noise = _randn(latents.shape, latents, generator)
+    rgb_512, latents = renders_to_latents(engine, rgb, rgb_as_latents, generator)
+    t, noise = draw_timesteps_and_noise(engine, latents, min_step, max_step, generator, t, noise)
 
     with torch.no_grad():
         latents_noisy = engine.scheduler.add_noise(latents, noise, t)
@@ -495,11 +487,7 @@ def vsd_step(
             img_est = engine.decode_latents((latents_noisy - sigma * eps_lora) / alpha)
             grad_img = w * (img_est - img_pre) * alpha / sigma
 
-    grad = torch.nan_to_num(grad)
-    if grad_clip_val is not None:
-        grad = grad.clamp(-grad_clip_val, grad_clip_val)
-    target = (latents - grad).detach()
-    loss_vsd = 0.5 * F.mse_loss(latents, target, reduction="sum") / batch
+    loss_vsd, grad = reparameterised_loss(latents, grad, grad_clip_val)
     loss_lora_value = lora_loss(
         lora,
         lora_scheduler,
@@ -522,11 +510,7 @@ def vsd_step(
         "nonfinite": nonfinite,
     }
     if grad_img is not None:
-        grad_img = torch.nan_to_num(grad_img)
-        if grad_clip_val is not None:
-            grad_img = grad_img.clamp(-grad_clip_val, grad_clip_val)
-        target_img = (rgb_512 - grad_img).detach()
-        out["loss_vsd_img"] = 0.5 * F.mse_loss(rgb_512, target_img, reduction="sum") / batch
+        out["loss_vsd_img"] = reparameterised_loss(rgb_512, grad_img, grad_clip_val)[0]
     return out
 
 

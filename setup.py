@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SWEEP = ["hydra-core>=1.3,<1.4", "hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2"]
 EVAL = ["matplotlib", *SWEEP]
@@ -12,13 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=[
-        "threestudio_perpneg",
-        "threestudio_perpneg.adapters",
-        "threestudio_perpneg.configs",
-        "threestudio_perpneg.eval",
-        "threestudio_perpneg.eval.sweep",
-    ],
+    packages=find_packages(include=["threestudio_perpneg", "threestudio_perpneg.*"])
+    + ["threestudio_perpneg.configs"],
     # The YAMLs live in the repository's configs/ and ship inside the package for the link command.
     package_dir={"threestudio_perpneg.configs": "configs"},
     package_data={
@@ -52,7 +47,7 @@ setup(
     entry_points={
         "console_scripts": [
             "threestudio-perpneg=threestudio_perpneg.__main__:main",
-            "perpneg-2d=threestudio_perpneg.generate:main",
+            "perpneg-2d=threestudio_perpneg.commands.generate:main",
         ]
     },
 )

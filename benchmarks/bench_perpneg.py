@@ -16,9 +16,9 @@ Two parts, both over threestudio's random-camera distribution (``random-camera-d
     median per-step times and their ratios are printed.
 
 With ``--guidance if|vsd|all`` part (b) is repeated for DeepFloyd IF stage I SDS
-(:func:`~threestudio_perpneg.deepfloyd.if_sds_step`, pixel space, tiny random IF from
-:func:`~threestudio_perpneg.tiny.build_tiny_deepfloyd_if` unless ``--if-model``) and for VSD
-(:func:`~threestudio_perpneg.vsd.vsd_step` with a :class:`~threestudio_perpneg.vsd.LoRAUNet` on the
+(:func:`~threestudio_perpneg.engines.pixel.if_sds_step`, pixel space, tiny random IF from
+:func:`~threestudio_perpneg.tiny.builders.build_tiny_deepfloyd_if` unless ``--if-model``) and for VSD
+(:func:`~threestudio_perpneg.engines.vsd.vsd_step` with a :class:`~threestudio_perpneg.engines.vsd.LoRAUNet` on the
 same SD UNet; the table adds the LoRA rows per step, 2·B guided + B training, which Perp-Neg leaves
 alone). Part (a) is the same for every prior: it depends only on the cameras.
 
@@ -56,9 +56,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from threestudio_perpneg.conditioning import PromptBank, StepConditioning, step_conditioning
-from threestudio_perpneg.sd import PerpNegSDSEngine, SDSSettings, load_stable_diffusion, sds_step
-from threestudio_perpneg.views import FRONT, SIDE, ViewThresholds, make_scheme, view_weights
+from threestudio_perpneg.core.conditioning import PromptBank, StepConditioning, step_conditioning
+from threestudio_perpneg.core.views import FRONT, SIDE, ViewThresholds, make_scheme, view_weights
+from threestudio_perpneg.engines.sd import (
+    PerpNegSDSEngine,
+    SDSSettings,
+    load_stable_diffusion,
+    sds_step,
+)
 
 SCHEME_NAMES = ("threestudio", "authors")
 
@@ -210,7 +215,7 @@ def random_bank(dim: int, device: torch.device, generator: torch.Generator) -> P
 
 def clip_bank(pretrained: str, prompt: str, device: torch.device) -> PromptBank:
     """Embeddings from the checkpoint's own CLIP text encoder (threestudio's view suffixes)."""
-    from threestudio_perpneg.text import encode_prompts, view_prompts
+    from threestudio_perpneg.core.text import encode_prompts, view_prompts
 
     emb = encode_prompts(pretrained, [prompt, *view_prompts(prompt), ""], device="cpu")
     dim = emb.shape[-1]
@@ -241,19 +246,19 @@ def build_models(
     """(unet, vae, scheduler, prompt bank, description)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from threestudio_perpneg.tiny import SCHEDULER_CONFIG, VAE_CONFIG
+    from threestudio_perpneg.tiny.builders import SCHEDULER_CONFIG, VAE_CONFIG
 
     bank_gen = torch.Generator().manual_seed(args.seed + 7)
     if args.model or args.unet == "tiny":
         if args.model:
             pretrained, what = args.model, f"{args.model} (pretrained weights)"
         else:
-            from threestudio_perpneg.tiny import build_tiny_stable_diffusion
+            from threestudio_perpneg.tiny.builders import build_tiny_stable_diffusion
 
             pretrained = str(
                 build_tiny_stable_diffusion(os.path.join(workdir, "tiny-sd"), args.seed)
             )
-            what = "tiny random SD (threestudio_perpneg.tiny.build_tiny_stable_diffusion)"
+            what = "tiny random SD (threestudio_perpneg.tiny.builders.build_tiny_stable_diffusion)"
         unet, vae, scheduler = load_stable_diffusion(pretrained, dtype=dtype, device=device)
         bank = clip_bank(pretrained, args.prompt, device)
         return unet, vae, scheduler, bank, what + f"; CLIP text embeddings of {args.prompt!r}"
@@ -377,7 +382,7 @@ GUIDANCE_TITLES = {
 
 def t5_bank(pretrained: str, prompt: str, device: torch.device) -> PromptBank:
     """Embeddings from the IF checkpoint's own T5 encoder (threestudio's view suffixes)."""
-    from threestudio_perpneg.text import encode_prompts, view_prompts
+    from threestudio_perpneg.core.text import encode_prompts, view_prompts
 
     emb = encode_prompts(
         pretrained, [prompt, *view_prompts(prompt), ""], device="cpu", encoder="t5"
@@ -396,15 +401,15 @@ def build_if(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: str
 ) -> Tuple[Any, Any, PromptBank, str]:
     """(unet, scheduler, prompt bank, description) of DeepFloyd IF stage I."""
-    from threestudio_perpneg.deepfloyd import load_deepfloyd_if
+    from threestudio_perpneg.engines.pixel import load_deepfloyd_if
 
     if args.if_model:
         pretrained, what = args.if_model, f"{args.if_model} (pretrained weights)"
     else:
-        from threestudio_perpneg.tiny import build_tiny_deepfloyd_if
+        from threestudio_perpneg.tiny.builders import build_tiny_deepfloyd_if
 
         pretrained = str(build_tiny_deepfloyd_if(os.path.join(workdir, "tiny-if"), args.seed))
-        what = "tiny random IF stage I (threestudio_perpneg.tiny.build_tiny_deepfloyd_if)"
+        what = "tiny random IF stage I (threestudio_perpneg.tiny.builders.build_tiny_deepfloyd_if)"
     unet, scheduler = load_deepfloyd_if(pretrained, dtype=dtype, device=device)
     bank = t5_bank(pretrained, args.prompt, device)
     return unet, scheduler, bank, what + f"; T5 text embeddings of {args.prompt!r}"
@@ -443,7 +448,7 @@ def time_guidance(
     lora: Any = None
     lora_scheduler: Any = None
     if guidance == "if":
-        from threestudio_perpneg.deepfloyd import PerpNegIFEngine, if_sds_step
+        from threestudio_perpneg.engines.pixel import PerpNegIFEngine, if_sds_step
 
         unet, scheduler, bank, what = build_if(args, device, dtype, workdir)
         engine: PerpNegSDSEngine = PerpNegIFEngine(
@@ -455,7 +460,7 @@ def time_guidance(
         if guidance == "vsd":
             from diffusers import DDPMScheduler
 
-            from threestudio_perpneg.vsd import LoRAUNet
+            from threestudio_perpneg.engines.vsd import LoRAUNet
 
             with _seeded(args.seed + 3):
                 lora = LoRAUNet(unet, weights_dtype=dtype)
@@ -463,7 +468,7 @@ def time_guidance(
             what += "; LoRA rank 4 on the same UNet (LoRAUNet), camera embedding"
     build_s = time.perf_counter() - t0
     if guidance == "vsd":
-        from threestudio_perpneg.vsd import VSDSettings, vsd_step
+        from threestudio_perpneg.engines.vsd import VSDSettings, vsd_step
 
         vsd_settings = VSDSettings()
         guidance_scale = vsd_settings.guidance_scale

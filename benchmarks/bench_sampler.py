@@ -3,12 +3,12 @@
 
 Both run in the same process on the same UNet, VAE, text embeddings, scheduler, seeds and sizes:
 
-* ours: :meth:`threestudio_perpneg.sampler.PerpNegSampler.generate` — all images, the
+* ours: :meth:`threestudio_perpneg.sampler.pipeline.PerpNegSampler.generate` — all images, the
   unconditional branch and every prompt in ONE batched UNet call per step
   (rows = images × (2 + K)).
 * sequential: the official Perp-Neg repository's scheme (``pipeline_perpneg_stable_diffusion.py``):
   one image at a time, one UNet call per prompt per step with batch 1 (1 + 1 + K calls per step),
-  then the same combination (:func:`threestudio_perpneg.core.perp_neg_guidance`) and scheduler step,
+  then the same combination (:func:`threestudio_perpneg.core.guidance.perp_neg_guidance`) and scheduler step,
   one VAE decode per image.
 
 for K = 1, 2, 4 extra (negative) prompts. Each timed call includes the VAE decode; the text
@@ -41,8 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from threestudio_perpneg.core import perp_neg_guidance
-from threestudio_perpneg.sampler import SCHEDULERS, PerpNegSampler
+from threestudio_perpneg.core.guidance import perp_neg_guidance
+from threestudio_perpneg.sampler.pipeline import SCHEDULERS, PerpNegSampler
 
 #: Intermediate random UNet (as ``bench_perpneg.MID_UNET_CONFIG``): SD's layout, much narrower.
 MID_UNET_CONFIG: Dict[str, Any] = {
@@ -87,14 +87,17 @@ def build_sampler(
             args.model, scheduler=args.scheduler, torch_dtype=dtype, device=device
         )
         return sampler, f"{args.model} (pretrained weights)"
-    from threestudio_perpneg.tiny import build_tiny_stable_diffusion
+    from threestudio_perpneg.tiny.builders import build_tiny_stable_diffusion
 
     path = build_tiny_stable_diffusion(os.path.join(workdir, "tiny-sd"), seed=args.seed)
     sampler = PerpNegSampler.from_pretrained(
         str(path), scheduler=args.scheduler, torch_dtype=dtype, device=device
     )
     if args.unet == "tiny":
-        return sampler, "tiny random SD (threestudio_perpneg.tiny), CLIP text encoder dim 32"
+        return (
+            sampler,
+            "tiny random SD (threestudio_perpneg.tiny.builders), CLIP text encoder dim 32",
+        )
 
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -284,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sampler, what = build_sampler(args, device, dtype, workdir)
         build_s = time.perf_counter() - t0
         n_unet = sum(p.numel() for p in sampler.unet.parameters()) / 1e6
-        print("2D Perp-Neg sampler benchmark (threestudio_perpneg.sampler)")
+        print("2D Perp-Neg sampler benchmark (threestudio_perpneg.sampler.pipeline)")
         print(
             f"  python {platform.python_version()}, torch {torch.__version__}, diffusers "
             f"{diffusers.__version__}, device {device}"

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Stable Diffusion folder (unet/vae/text_encoder/tokenizer/scheduler)."""
-    from threestudio_perpneg.tiny import build_tiny_stable_diffusion
+    from threestudio_perpneg.tiny.builders import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 

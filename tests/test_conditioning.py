@@ -1,4 +1,4 @@
-"""Tests of the per-step conditioning (threestudio_perpneg.conditioning)."""
+"""Tests of the per-step conditioning (threestudio_perpneg.core.conditioning)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from helpers import raises_naming
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threestudio_perpneg.conditioning import PromptBank, StepConditioning, step_conditioning
-from threestudio_perpneg.core import perp_neg_guidance
-from threestudio_perpneg.views import (
+from threestudio_perpneg.core.conditioning import PromptBank, StepConditioning, step_conditioning
+from threestudio_perpneg.core.guidance import perp_neg_guidance
+from threestudio_perpneg.core.views import (
     BACK,
     FRONT,
     OVERHEAD,

@@ -1,4 +1,4 @@
-"""Property tests of the Perp-Neg algebra (threestudio_perpneg.core).
+"""Property tests of the Perp-Neg algebra (threestudio_perpneg.core.guidance).
 
 The references below are written independently with plain torch (per-sample Python loops); they
 never call the functions under test.
@@ -15,7 +15,7 @@ from helpers import raises_naming
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threestudio_perpneg.core import (
+from threestudio_perpneg.core.guidance import (
     GuidancePredictions,
     perp_neg_guidance,
     perpendicular_component,

@@ -27,7 +27,7 @@ def _worker(rank: int, world: int, port: int, model: str, cache: str, report: st
     try:
         import transformers
 
-        from threestudio_perpneg.text import text_embeddings
+        from threestudio_perpneg.core.text import text_embeddings
 
         loads = []
         original = transformers.CLIPTextModel.from_pretrained
@@ -69,7 +69,7 @@ def test_rank0_encodes_once_and_all_ranks_read_the_same(tiny_sd_path: Path, tmp_
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 3 and all(name.endswith(".safetensors") for name in files)
     # Values are those of a direct encode in this process.
-    from threestudio_perpneg.text import encode_prompts
+    from threestudio_perpneg.core.text import encode_prompts
 
     direct = encode_prompts(str(tiny_sd_path), ["a corgi"])[0]
     assert results[0]["sums"]["a corgi"] == pytest.approx(float(direct.double().sum()), rel=1e-6)

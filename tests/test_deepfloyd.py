@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from threestudio_perpneg.conditioning import PromptBank, step_conditioning
-from threestudio_perpneg.deepfloyd import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
-from threestudio_perpneg.sd import SDSSettings, branch_counts
-from threestudio_perpneg.text import EmbeddingCache, encode_prompts, text_embeddings, view_prompts
-from threestudio_perpneg.views import make_scheme
+from threestudio_perpneg.core.conditioning import PromptBank, step_conditioning
+from threestudio_perpneg.core.text import (
+    EmbeddingCache,
+    encode_prompts,
+    text_embeddings,
+    view_prompts,
+)
+from threestudio_perpneg.core.views import make_scheme
+from threestudio_perpneg.engines.pixel import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
+from threestudio_perpneg.engines.sd import SDSSettings, branch_counts
 
 PROMPT = "a corgi"
 VIEWS = view_prompts(PROMPT)
@@ -20,7 +25,7 @@ NEGATIVES = ["blurry"]
 
 @pytest.fixture(scope="module")
 def tiny_if_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from threestudio_perpneg.tiny import build_tiny_deepfloyd_if
+    from threestudio_perpneg.tiny.builders import build_tiny_deepfloyd_if
 
     return build_tiny_deepfloyd_if(tmp_path_factory.mktemp("tiny-if") / "model", seed=0)
 

@@ -36,7 +36,7 @@ from threestudio_perpneg.eval.eval2d import (
     success_table,
     wilson_interval,
 )
-from threestudio_perpneg.tiny import build_tiny_clip
+from threestudio_perpneg.tiny.builders import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a corgi", "a lion"]
@@ -170,7 +170,7 @@ def test_end_to_end_outputs_and_consistent_counts(
 
 def test_images_match_the_sampler(e2e: Dict[str, Any], tiny_sd_path: Path) -> None:
     """A saved image is the sampler's image for that prompt / view / mode / seeds."""
-    from threestudio_perpneg.sampler import PerpNegSampler
+    from threestudio_perpneg.sampler.pipeline import PerpNegSampler
 
     out, report = e2e["out"], e2e["report"]
     rec = next(

@@ -1,5 +1,5 @@
 """Tests of the zero-shot CLIP view classifier (``threestudio_perpneg.eval.classifier``) and of the
-tiny random CLIP builder (``threestudio_perpneg.tiny.build_tiny_clip``).
+tiny random CLIP builder (``threestudio_perpneg.tiny.builders.build_tiny_clip``).
 
 Everything runs on the CPU on a tiny seeded random CLIP. The reference computations below use the
 raw ``CLIPModel`` (``get_text_features`` / ``get_image_features``) and ``CLIPProcessor`` directly.
@@ -29,7 +29,7 @@ from threestudio_perpneg.eval.classifier import (
     check_labels,
     check_templates,
 )
-from threestudio_perpneg.tiny import build_tiny_clip
+from threestudio_perpneg.tiny.builders import build_tiny_clip
 
 OBJECT = "a corgi"
 

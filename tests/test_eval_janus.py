@@ -770,7 +770,7 @@ def _tiny_clip_builder():
 
     fn = getattr(tiny, "build_tiny_clip", None)
     if fn is None:
-        pytest.skip("threestudio_perpneg.tiny.build_tiny_clip has not landed yet")
+        pytest.skip("threestudio_perpneg.tiny.builders.build_tiny_clip has not landed yet")
     return fn
 
 

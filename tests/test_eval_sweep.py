@@ -598,9 +598,9 @@ def test_evaluation_fills_the_janus_table(tmp_path: Path, monkeypatch: pytest.Mo
     """The real eval3d (tiny random CLIP: meaningless numbers) on stand-in trials; evaluation is
     re-run on finished runs without training them again."""
     pytest.importorskip("threestudio_perpneg.eval.janus")
-    tiny = pytest.importorskip("threestudio_perpneg.tiny")
+    tiny = pytest.importorskip("threestudio_perpneg.tiny.builders")
     if not hasattr(tiny, "build_tiny_clip"):
-        pytest.skip("threestudio_perpneg.tiny.build_tiny_clip not available")
+        pytest.skip("threestudio_perpneg.tiny.builders.build_tiny_clip not available")
     clip = tiny.build_tiny_clip(tmp_path / "tiny-clip", seed=0)
     root = fake_root(tmp_path)
     fake = FakeLaunch()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from threestudio_perpneg import __main__ as package_main
-from threestudio_perpneg.generate import (
+from threestudio_perpneg.commands.generate import (
     GRID_NAME,
     IMAGES_DIR,
     SIDECAR_NAME,
@@ -26,7 +26,7 @@ from threestudio_perpneg.generate import (
     main,
     run_generate,
 )
-from threestudio_perpneg.views import VIEW_NAMES, ViewThresholds, make_scheme, view_weights
+from threestudio_perpneg.core.views import VIEW_NAMES, ViewThresholds, make_scheme, view_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--height", "64", "--width", "64", "--steps", "3", "--no-progress"]

@@ -10,7 +10,7 @@ from typing import List, Tuple
 import pytest
 
 from threestudio_perpneg import link
-from threestudio_perpneg.link import (
+from threestudio_perpneg.commands.link import (
     SHIM_SOURCE,
     is_threestudio_checkout,
     link_into,

@@ -1,10 +1,10 @@
-"""Tests of the 2D Perp-Neg sampler (``threestudio_perpneg.sampler``).
+"""Tests of the 2D Perp-Neg sampler (``threestudio_perpneg.sampler.pipeline``).
 
 Everything runs on the tiny random Stable Diffusion checkpoint (``tiny_sd_path``) on the CPU, at
 64×64 pixels (8×8 latents) with a few steps. The references are written out here: a sequential
 sampler that calls the UNet once per prompt and per image and combines the predictions in plain
 torch, the diffusers pipeline itself (plain CFG, negative prompts), and
-:func:`threestudio_perpneg.views.view_weights` for the view conditioning.
+:func:`threestudio_perpneg.core.views.view_weights` for the view conditioning.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 from helpers import raises_naming
 from torch import Tensor
 
-import threestudio_perpneg.sampler as sampler_mod
-from threestudio_perpneg.sampler import (
+import threestudio_perpneg.sampler.pipeline as sampler_mod
+from threestudio_perpneg.core.text import view_prompts
+from threestudio_perpneg.core.views import OVERHEAD, VIEW_NAMES, make_scheme, view_weights
+from threestudio_perpneg.sampler.pipeline import (
     MODES,
     SCHEDULERS,
     GenerationResult,
@@ -37,8 +39,6 @@ from threestudio_perpneg.sampler import (
     parse_prompts,
     parse_seeds,
 )
-from threestudio_perpneg.text import view_prompts
-from threestudio_perpneg.views import OVERHEAD, VIEW_NAMES, make_scheme, view_weights
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -706,7 +706,7 @@ def test_from_pretrained(tiny_sd_path: Path, tmp_path: Path) -> None:
 
 def test_module_imports_diffusers_and_pil_lazily() -> None:
     code = (
-        "import sys, threestudio_perpneg.sampler; "
+        "import sys, threestudio_perpneg.sampler.pipeline; "
         "print(sorted(m for m in ('diffusers', 'PIL', 'transformers') if m in sys.modules))"
     )
     root = str(Path(__file__).resolve().parents[1])

@@ -1,4 +1,4 @@
-"""Tests of the Stable Diffusion score distillation step (``threestudio_perpneg.sd``).
+"""Tests of the Stable Diffusion score distillation step (``threestudio_perpneg.engines.sd``).
 
 Everything runs on the real components of the tiny random checkpoint (``tiny_sd_path``): the UNet,
 VAE and scheduler come from :func:`load_stable_diffusion`, the embeddings from
@@ -19,17 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from threestudio_perpneg.conditioning import PromptBank, StepConditioning, step_conditioning
-from threestudio_perpneg.sd import (
-    PerpNegSDSEngine,
-    SDSSettings,
-    branch_counts,
-    effective_scale,
-    load_stable_diffusion,
-    sds_step,
-)
-from threestudio_perpneg.text import text_embeddings, view_prompts
-from threestudio_perpneg.views import (
+from threestudio_perpneg.core.conditioning import PromptBank, StepConditioning, step_conditioning
+from threestudio_perpneg.core.text import text_embeddings, view_prompts
+from threestudio_perpneg.core.views import (
     BACK,
     FRONT,
     OVERHEAD,
@@ -37,6 +29,14 @@ from threestudio_perpneg.views import (
     AuthorsScheme,
     ThreestudioScheme,
     view_weights,
+)
+from threestudio_perpneg.engines.sd import (
+    PerpNegSDSEngine,
+    SDSSettings,
+    branch_counts,
+    effective_scale,
+    load_stable_diffusion,
+    sds_step,
 )
 
 PROMPT = "a corgi"

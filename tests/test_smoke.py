@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from threestudio_perpneg.__main__ import main
-from threestudio_perpneg.smoke import (
+from threestudio_perpneg.commands.smoke import (
     LABEL_HEIGHT,
     MIN_TILE,
     SmokeError,
     build_parser,
     run_smoke,
 )
-from threestudio_perpneg.views import ViewThresholds, make_scheme, view_weights
+from threestudio_perpneg.core.views import ViewThresholds, make_scheme, view_weights
 
 REPO = Path(__file__).resolve().parents[1]
 AZIMUTHS = [0.0, 90.0, 180.0]

@@ -1,4 +1,4 @@
-"""Tests of the text side (``threestudio_perpneg.text``): view prompts, checkpoint resolution, the
+"""Tests of the text side (``threestudio_perpneg.core.text``): view prompts, checkpoint resolution, the
 safetensors embedding cache and :func:`text_embeddings` on the tiny random checkpoint."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-import threestudio_perpneg.text as text_mod
-from threestudio_perpneg.text import (
+import threestudio_perpneg.core.text as text_mod
+from threestudio_perpneg.core.text import (
     DEFAULT_TEMPLATES,
     FRONT_TEMPLATES,
     EmbeddingCache,
@@ -22,9 +22,9 @@ from threestudio_perpneg.text import (
     text_embeddings,
     view_prompts,
 )
-from threestudio_perpneg.views import VIEW_NAMES
+from threestudio_perpneg.core.views import VIEW_NAMES
 
-LOGGER = "threestudio_perpneg.text"
+LOGGER = "threestudio_perpneg.core.text"
 MODEL = "some/model"
 PROMPTS = ["a corgi", "", "a corgi, front view", "blurry"]
 

@@ -314,7 +314,7 @@ def test_link_then_launch_py_loads_the_shim_and_config(tmp_path, monkeypatch, ca
 
     from threestudio.utils.config import load_config
 
-    from threestudio_perpneg.link import link_into
+    from threestudio_perpneg.commands.link import link_into
 
     real = Path(threestudio.__file__).resolve().parents[1]
     root = tmp_path / "threestudio"

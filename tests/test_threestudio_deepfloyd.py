@@ -37,12 +37,12 @@ from threestudio_perpneg.adapters import (  # noqa: E402
     PerpNegDeepFloydPromptProcessor,
     PerpNegPromptProcessorOutput,
 )
-from threestudio_perpneg.text import EmbeddingCache  # noqa: E402
+from threestudio_perpneg.core.text import EmbeddingCache  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_if_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from threestudio_perpneg.tiny import build_tiny_deepfloyd_if
+    from threestudio_perpneg.tiny.builders import build_tiny_deepfloyd_if
 
     return build_tiny_deepfloyd_if(tmp_path_factory.mktemp("tiny-if") / "model", seed=0)
 

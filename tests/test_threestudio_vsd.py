@@ -30,7 +30,7 @@ VSD_CONFIGS = {
 load_custom_extension(SHIM)
 
 from threestudio_perpneg.adapters import PerpNegStableDiffusionVSDGuidance  # noqa: E402
-from threestudio_perpneg.vsd import LoRAAttnProcessor  # noqa: E402
+from threestudio_perpneg.engines.vsd import LoRAAttnProcessor  # noqa: E402
 
 NAME = "perpneg-stable-diffusion-vsd-guidance"
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from threestudio_perpneg.tiny import build_tiny_stable_diffusion
+from threestudio_perpneg.tiny.builders import build_tiny_stable_diffusion
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",

@@ -15,7 +15,7 @@ from helpers import raises_naming
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from threestudio_perpneg.views import (
+from threestudio_perpneg.core.views import (
     BACK,
     FRONT,
     OVERHEAD,

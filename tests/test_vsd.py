@@ -1,4 +1,4 @@
-"""Tests of variational score distillation with Perp-Neg (``threestudio_perpneg.vsd``), no threestudio.
+"""Tests of variational score distillation with Perp-Neg (``threestudio_perpneg.engines.vsd``), no threestudio.
 
 Everything runs on the tiny random checkpoint (``tiny_sd_path``); the pretrained and the LoRA model share
 its UNet, as threestudio does when both paths are the same. Embeddings are random tensors of the UNet's
@@ -16,10 +16,10 @@ import torch
 from helpers import raises_naming
 from torch import Tensor
 
-from threestudio_perpneg.conditioning import PromptBank, StepConditioning, step_conditioning
-from threestudio_perpneg.sd import PerpNegSDSEngine, branch_counts, load_stable_diffusion
-from threestudio_perpneg.views import ThreestudioScheme
-from threestudio_perpneg.vsd import (
+from threestudio_perpneg.core.conditioning import PromptBank, StepConditioning, step_conditioning
+from threestudio_perpneg.core.views import ThreestudioScheme
+from threestudio_perpneg.engines.sd import PerpNegSDSEngine, branch_counts, load_stable_diffusion
+from threestudio_perpneg.engines.vsd import (
     LoRAAttnProcessor,
     LoRALinearLayer,
     LoRAUNet,
@@ -197,7 +197,7 @@ def test_lora_training_lowers_loss_lora(models, bank):
     _, lora, lora_scheduler = models
     inp = _inputs(1)
     opt = torch.optim.Adam(lora.parameters(), lr=1e-2)
-    from threestudio_perpneg.vsd import lora_loss
+    from threestudio_perpneg.engines.vsd import lora_loss
 
     latents = inp["noise"][:, :, :8, :8]
     losses = []

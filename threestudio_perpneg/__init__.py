@@ -5,8 +5,8 @@ threestudio; ``import threestudio_perpneg.adapters`` registers the ``perpneg-*``
 threestudio.
 """
 
-from .core import GuidancePredictions, perp_neg_guidance, perpendicular_component
-from .views import AuthorsScheme, ThreestudioScheme, ViewThresholds, make_scheme, view_weights
+from .core.guidance import GuidancePredictions, perp_neg_guidance, perpendicular_component
+from .core.views import AuthorsScheme, ThreestudioScheme, ViewThresholds, make_scheme, view_weights
 
 __version__ = "0.1.0"
 

@@ -2,10 +2,10 @@
 
 Subcommands:
 
-* ``smoke``: CPU smoke run / 2D Perp-Neg SDS playground (:mod:`threestudio_perpneg.smoke`).
+* ``smoke``: CPU smoke run / 2D Perp-Neg SDS playground (:mod:`threestudio_perpneg.commands.smoke`).
 * ``link``: install the plugin shim and configs into a threestudio checkout
-  (:mod:`threestudio_perpneg.link`, which parses its own arguments).
-* ``generate``: 2D Perp-Neg sampler (:mod:`threestudio_perpneg.generate`, which parses its own
+  (:mod:`threestudio_perpneg.commands.link`, which parses its own arguments).
+* ``generate``: 2D Perp-Neg sampler (:mod:`threestudio_perpneg.commands.generate`, which parses its own
   arguments; also the ``perpneg-2d`` console script).
 * ``eval2d``: the paper's 2D view-success protocol, sd vs cebm vs perpneg
   (:mod:`threestudio_perpneg.eval.eval2d`).
@@ -25,11 +25,11 @@ PROG = "threestudio-perpneg"
 #: Subcommands implemented in their own modules: name -> (module, help).
 DELEGATED = {
     "link": (
-        ".link",
+        ".commands.link",
         "install the plugin shim and perpneg-*.yaml configs into a threestudio checkout",
     ),
     "generate": (
-        ".generate",
+        ".commands.generate",
         "2D Perp-Neg sampler: images from weighted prompts / views, perpneg vs cebm vs sd",
     ),
     "eval2d": (".eval.eval2d", "2D view-success protocol (paper table): sd vs cebm vs perpneg"),
@@ -44,7 +44,7 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser (its ``--help`` lists the subcommands)."""
     from . import __version__
-    from .smoke import add_arguments
+    from .commands.smoke import add_arguments
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -81,8 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(args)
     if ns.command == "smoke":
-        from ._cli import run_command
-        from .smoke import SmokeError, run_smoke
+        from .commands.common import run_command
+        from .commands.smoke import SmokeError, run_smoke
 
         return run_command(f"{PROG} smoke", lambda: run_smoke(ns), SmokeError)
     parser.error(f"unknown command {ns.command!r}")  # unreachable: argparse checks choices

@@ -8,7 +8,7 @@ from typing import Any, Dict
 import threestudio
 from torch import Tensor
 
-from ..deepfloyd import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
+from ..engines.pixel import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
 from .guidance import PerpNegStableDiffusionGuidance
 from .prompt_processor import PerpNegPromptProcessor
 
@@ -98,7 +98,7 @@ class PerpNegDeepFloydPromptProcessor(PerpNegPromptProcessor):
     only the encoder differs.
     """
 
-    #: Text encoder of :func:`~threestudio_perpneg.text.encode_prompts`.
+    #: Text encoder of :func:`~threestudio_perpneg.core.text.encode_prompts`.
     text_encoder_kind = "t5"
 
     @dataclass

@@ -12,9 +12,9 @@ from threestudio.utils.base import BaseObject
 from threestudio.utils.misc import C, cleanup, get_rank
 from torch import Tensor
 
-from ..conditioning import PromptBank, StepConditioning, step_conditioning
-from ..sd import PerpNegSDSEngine, SDSSettings, load_stable_diffusion, sds_step
-from ..views import VIEW_NAMES, Scheme, ThreestudioScheme, ViewThresholds, make_scheme
+from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
+from ..core.views import VIEW_NAMES, Scheme, ThreestudioScheme, ViewThresholds, make_scheme
+from ..engines.sd import PerpNegSDSEngine, SDSSettings, load_stable_diffusion, sds_step
 
 
 @threestudio.register("perpneg-stable-diffusion-guidance")

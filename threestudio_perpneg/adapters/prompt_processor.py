@@ -17,9 +17,15 @@ from threestudio.models.prompt_processors.base import (
 from threestudio.utils.misc import cleanup
 from torch import Tensor
 
-from ..conditioning import PromptBank
-from ..text import DEFAULT_TEMPLATES, FRONT_TEMPLATES, encode_prompts, text_embeddings, view_prompts
-from ..views import VIEW_NAMES, Scheme, ViewThresholds, classify_views, scheme_from_config
+from ..core.conditioning import PromptBank
+from ..core.text import (
+    DEFAULT_TEMPLATES,
+    FRONT_TEMPLATES,
+    encode_prompts,
+    text_embeddings,
+    view_prompts,
+)
+from ..core.views import VIEW_NAMES, Scheme, ViewThresholds, classify_views, scheme_from_config
 
 
 @dataclass
@@ -84,7 +90,7 @@ class PerpNegPromptProcessor(PromptProcessor):
 
     cfg: Config
 
-    #: Text encoder of :func:`~threestudio_perpneg.text.encode_prompts` (``clip`` or ``t5``).
+    #: Text encoder of :func:`~threestudio_perpneg.core.text.encode_prompts` (``clip`` or ``t5``).
     text_encoder_kind = "clip"
 
     # threestudio's base class spawns a process to encode; we encode in-process on rank 0.

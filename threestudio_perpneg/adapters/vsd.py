@@ -10,9 +10,9 @@ import torch
 from threestudio.utils.base import BaseModule
 from torch import Tensor
 
-from ..sd import PerpNegSDSEngine, load_stable_diffusion
-from ..text import resolve_pretrained
-from ..vsd import LoRAUNet, VSDSettings, sample_latents, vsd_step
+from ..core.text import resolve_pretrained
+from ..engines.sd import PerpNegSDSEngine, load_stable_diffusion
+from ..engines.vsd import LoRAUNet, VSDSettings, sample_latents, vsd_step
 from .guidance import PerpNegStableDiffusionGuidance
 
 
@@ -219,7 +219,7 @@ class PerpNegStableDiffusionVSDGuidance(BaseModule, PerpNegStableDiffusionGuidan
         """Images ``[B, H, W, 3]`` of the LoRA model for the batch's cameras (plain prompt)."""
         from diffusers import DPMSolverMultistepScheduler
 
-        from ..vsd import lora_guided_noise
+        from ..engines.vsd import lora_guided_noise
 
         batch = elevation.shape[0]
         prompt = self.plain_prompt(prompt_utils, batch)

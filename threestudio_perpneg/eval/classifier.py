@@ -13,7 +13,7 @@ Backends:
 * ``"open_clip"`` (optional, ``pip install open_clip_torch``): ``"ARCH:PRETRAINED"`` (e.g.
   ``"ViT-H-14:laion2b_s32b_b79k"``, PRETRAINED may be a checkpoint file) or ``"hf-hub:ORG/REPO"``.
 
-A tiny random CLIP for tests is :func:`threestudio_perpneg.tiny.build_tiny_clip`; its scores are
+A tiny random CLIP for tests is :func:`threestudio_perpneg.tiny.builders.build_tiny_clip`; its scores are
 meaningless. This module imports torch only; transformers, open_clip and PIL load when needed.
 """
 
@@ -477,7 +477,7 @@ class ViewClassifier:
 
 # --------------------------------------------------------------------------------- loading
 def _load_transformers(name_or_path: str, device: Union[str, torch.device]) -> _TransformersBackend:
-    from ..text import resolve_pretrained
+    from ..core.text import resolve_pretrained
 
     key = "clip (pretrained path)"
     try:

@@ -1,7 +1,7 @@
 """The Perp-Neg paper's 2D view-success protocol: ``python -m threestudio_perpneg eval2d``.
 
 For every prompt × requested view (default ``side``, ``back``) × seed, an image is generated with
-:meth:`threestudio_perpneg.sampler.PerpNegSampler.generate_view` in each mode (``sd``: plain
+:meth:`threestudio_perpneg.sampler.pipeline.PerpNegSampler.generate_view` in each mode (``sd``: plain
 negative prompt, ``cebm``: composable diffusion, ``perpneg``: Perp-Neg), classified by the
 zero-shot CLIP :class:`~threestudio_perpneg.eval.classifier.ViewClassifier` (object name = the
 prompt), and counted a success when the predicted view equals the requested one. The report gives
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from .._cli import (
+from ..commands.common import (
     TINY_DIR,
     TINY_SEED,
     CommandError,
@@ -214,7 +214,7 @@ def _check_prompts(prompts: Any) -> List[str]:
 
 def _check_seeds(seeds: Any) -> List[int]:
     if isinstance(seeds, str):
-        from ..sampler import parse_seeds
+        from ..sampler.pipeline import parse_seeds
 
         seeds = parse_seeds(seeds)
     try:
@@ -515,7 +515,7 @@ def run_eval2d(
     """Runs the 2D protocol and writes the reports; returns the report (the JSON's content).
 
     Args:
-        sampler: a :class:`~threestudio_perpneg.sampler.PerpNegSampler` (anything with its
+        sampler: a :class:`~threestudio_perpneg.sampler.pipeline.PerpNegSampler` (anything with its
             ``generate_view(prompt, view=, mode=, seeds=, num_inference_steps=, guidance_scale=,
             height=, width=, scheme=, progress=)`` returning an object with ``images`` and
             ``weights``).
@@ -537,7 +537,7 @@ def run_eval2d(
         `ValueError`: naming ``prompts``, ``views``, ``modes``, ``seeds``, ``batch_size``, or what
             the sampler rejects (``scheme``, ``num_inference_steps``, ``height`` ...).
     """
-    from ..sampler import MODES
+    from ..sampler.pipeline import MODES
 
     labels = [str(x) for x in classifier.labels]
     prompt_list = _check_prompts(prompts)
@@ -710,8 +710,8 @@ def _device_arg(value: str) -> str:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``eval2d`` command's parser."""
-    from ..sampler import MODES, SCHEDULERS
-    from ..views import SCHEMES
+    from ..core.views import SCHEMES
+    from ..sampler.pipeline import MODES, SCHEDULERS
     from .classifier import BACKENDS, VIEW_LABELS
 
     p = _Parser(
@@ -969,7 +969,7 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
 
     prompts = _read_prompts(args)
     try:
-        from ..sampler import parse_seeds
+        from ..sampler.pipeline import parse_seeds
 
         seeds = parse_seeds(str(args.seeds))
         seeds = _check_seeds(seeds)
@@ -997,7 +997,7 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
 
     import torch
 
-    from ..sampler import PerpNegSampler
+    from ..sampler.pipeline import PerpNegSampler
 
     dtype = torch.float16 if args.fp16 else torch.float32
     random_models: List[str] = []
@@ -1024,7 +1024,7 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
     model_name, clip_name = args.model, args.clip
     height, width = args.height, args.width
     if sampler is None:
-        from ..tiny import build_tiny_stable_diffusion
+        from ..tiny.builders import build_tiny_stable_diffusion
 
         model_name, sampler = _tiny(
             out / TINY_SD_DIR, "model_index.json", build_tiny_stable_diffusion, load_sampler
@@ -1037,7 +1037,7 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
         height = height or TINY_SIZE
         width = width or TINY_SIZE
     if classifier is None:
-        from ..tiny import build_tiny_clip
+        from ..tiny.builders import build_tiny_clip
 
         clip_name, classifier = _tiny(
             out / TINY_CLIP_DIR, "config.json", build_tiny_clip, load_classifier

@@ -28,7 +28,7 @@ JSON is a list of such objects or ``{"object": ..., "seed": ..., "experiment": .
 with ``labels`` and ``scores(images, object_name) -> [N, V]``, e.g.
 :class:`threestudio_perpneg.eval.classifier.ViewClassifier`), its predicted label (argmax; the
 overhead label is left out unless ``include_overhead``), the camera's bucket by
-:func:`threestudio_perpneg.views.classify_views`, the view accuracy, and Janus flags
+:func:`threestudio_perpneg.core.views.classify_views`, the view accuracy, and Janus flags
 (:func:`janus_flags`): a "front" prediction where the camera looks at the back, or two or more
 separate "front" segments around the ring. A camera that repeats an earlier one (the closing 360°
 frame of a threestudio ring) is reported but neither scored nor counted twice.
@@ -64,7 +64,7 @@ from typing import (
 
 import torch
 
-from ..views import VIEW_NAMES, ViewThresholds, classify_views
+from ..core.views import VIEW_NAMES, ViewThresholds, classify_views
 from . import stats
 
 __all__ = [
@@ -164,7 +164,7 @@ class JanusConfig:
     """Thresholds of the evaluation; every field is reported with the results.
 
     Args:
-        front_threshold: camera buckets as :class:`threestudio_perpneg.views.ViewThresholds`:
+        front_threshold: camera buckets as :class:`threestudio_perpneg.core.views.ViewThresholds`:
             |azimuth| < front_threshold is a front camera (degrees, default 45),
         back_threshold: |azimuth| > 180 − back_threshold is a back camera (default 45),
         overhead_threshold: elevation > overhead_threshold is an overhead camera (default 60).
@@ -239,14 +239,14 @@ def camera_bucket(
     back: float = 45.0,
     overhead: float = 60.0,
 ) -> str:
-    """View bucket of one camera by :func:`threestudio_perpneg.views.classify_views`."""
+    """View bucket of one camera by :func:`threestudio_perpneg.core.views.classify_views`."""
     return camera_buckets(
         [azimuth_deg], [elevation_deg], front=front, back=back, overhead=overhead
     )[0]
 
 
 def _wrap(azimuth: float) -> float:
-    """Azimuth wrapped to (-180, 180] (as :func:`threestudio_perpneg.views.wrap_azimuth`), exact
+    """Azimuth wrapped to (-180, 180] (as :func:`threestudio_perpneg.core.views.wrap_azimuth`), exact
     for angles already in range."""
     w = math.fmod(float(azimuth), 360.0)
     if w > 180.0:
@@ -1265,7 +1265,7 @@ def _build_classifier(ns: argparse.Namespace, out: Path) -> Tuple[Any, Dict[str,
     if ns.clip:
         clf = ViewClassifier.from_pretrained(ns.clip, device=ns.device, backend=ns.backend)
         return clf, {"model": ns.clip, "backend": ns.backend, "tiny_random": False}
-    from ..tiny import build_tiny_clip
+    from ..tiny.builders import build_tiny_clip
 
     target = (out / "tiny-clip").absolute()
     print(f"eval3d: building a tiny random CLIP in {target} ...", file=sys.stderr)

@@ -147,7 +147,7 @@ def versions() -> Dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "threestudio_perpneg": __version__,
@@ -170,7 +170,7 @@ def build_tiny(path: Union[str, Path], *, announce: bool = True) -> str:
 
     With ``announce``, says so on stderr first (the build takes a few seconds).
     """
-    from .tiny import build_tiny_stable_diffusion
+    from ..tiny.builders import build_tiny_stable_diffusion
 
     if announce:
         print(f"building a tiny random Stable Diffusion checkpoint in {path} ...", file=sys.stderr)

@@ -1,6 +1,6 @@
 """``python -m threestudio_perpneg generate`` / ``perpneg-2d``: the 2D Perp-Neg sampler's command line.
 
-Generates images with :class:`threestudio_perpneg.sampler.PerpNegSampler` from a main prompt plus
+Generates images with :class:`threestudio_perpneg.sampler.pipeline.PerpNegSampler` from a main prompt plus
 weighted extra prompts (``"main | extra1 | extra2"`` with ``--weights "1 | -1.5 | -0.3"``, the
 official Perp-Neg repository's convention, or repeated ``--negative TEXT:WEIGHT`` /
 ``--positive TEXT:WEIGHT``), optionally view-conditioned (``--view`` / ``--azimuth`` / ``--sweep``),
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from ._cli import (
+from .common import (
     TINY_SEED,
     CommandError,
     atomic_write,
@@ -67,7 +67,7 @@ SIDECAR_NAME = "generate.json"
 REPLAY_SIDECAR_NAME = "replay.json"
 GRID_NAME = "grid.png"
 IMAGES_DIR = "images"
-FORMAT = "threestudio_perpneg.generate/1"
+FORMAT = "threestudio_perpneg.commands.generate/1"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm", "pndm", "lms")
 DEFAULT_SWEEP = (0.0, 45.0, 90.0, 135.0, 180.0)
 AZIMUTH_RANGE = (-180.0, 360.0)
@@ -143,7 +143,7 @@ def _azimuth_list(value: str) -> List[float]:
 
 
 def _view_list(value: str) -> List[str]:
-    from .views import VIEW_NAMES
+    from ..core.views import VIEW_NAMES
 
     items = _split_list(value)
     if not items:
@@ -160,7 +160,7 @@ def _view_list(value: str) -> List[str]:
 
 def _view_weights_arg(value: str) -> Dict[str, float]:
     """``"front=-2,side=-1"``: weights (≤ 0) of the view negatives."""
-    from .views import VIEW_NAMES
+    from ..core.views import VIEW_NAMES
 
     out: Dict[str, float] = {}
     for item in [p for p in value.split(",") if p.strip()]:
@@ -188,7 +188,7 @@ def _view_weights_arg(value: str) -> Dict[str, float]:
 
 
 def _modes_arg(value: str) -> List[str]:
-    from .sampler import MODES
+    from ..sampler.pipeline import MODES
 
     items = _split_list(value)
     if not items:
@@ -238,8 +238,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``generate`` command's parser."""
-    from .sampler import MODES
-    from .views import SCHEMES, VIEW_NAMES
+    from ..core.views import SCHEMES, VIEW_NAMES
+    from ..sampler.pipeline import MODES
 
     p = _Parser(
         prog=prog or PROG,
@@ -496,7 +496,7 @@ def _image_name(mode: str, view: Optional[str], azimuth: Optional[float], seed: 
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Validate the arguments and lay out the sampler calls and the grid."""
-    from .sampler import parse_prompts, parse_seeds
+    from ..sampler.pipeline import parse_prompts, parse_seeds
 
     if args.replay_image is not None:
         _fail("--replay-image", "only together with --replay SIDECAR.json")
@@ -711,7 +711,7 @@ def _resolve_device(requested: Optional[str], fp16: bool) -> Tuple[str, Any]:
 
 
 def _load_sampler(model: str, scheduler: Optional[str], dtype: Any, device: str) -> Any:
-    from .sampler import PerpNegSampler
+    from ..sampler.pipeline import PerpNegSampler
 
     try:
         return PerpNegSampler.from_pretrained(
@@ -730,7 +730,7 @@ def _load_sampler(model: str, scheduler: Optional[str], dtype: Any, device: str)
 
 def _prepare_model(model: Optional[str], out: Path) -> Tuple[str, str]:
     """(model path or hub id, source); builds the tiny random checkpoint when ``model`` is None."""
-    from .text import resolve_pretrained
+    from ..core.text import resolve_pretrained
 
     if model is not None:
         try:
@@ -1034,7 +1034,7 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
         model = settings["model"]
         if settings.get("random_model") and not (Path(model) / "model_index.json").is_file():
             # The tiny checkpoint is seeded: rebuilding it gives the same weights.
-            from .tiny import build_tiny_stable_diffusion
+            from ..tiny.builders import build_tiny_stable_diffusion
 
             model = str(tiny_path(out))
             print(f"rebuilding the tiny random checkpoint into {model} ...", file=sys.stderr)

@@ -29,7 +29,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._cli import (
+from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
+from ..core.text import resolve_pretrained, text_embeddings, view_prompts
+from ..core.views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_weights
+from ..engines.sd import (
+    SCALE_CONVENTIONS,
+    PerpNegSDSEngine,
+    SDSSettings,
+    branch_counts,
+    load_stable_diffusion,
+    sds_step,
+)
+from .common import (
     CommandError,
     atomic_write,
     build_tiny,
@@ -43,17 +54,6 @@ from ._cli import (
     versions,
     write_json,
 )
-from .conditioning import PromptBank, StepConditioning, step_conditioning
-from .sd import (
-    SCALE_CONVENTIONS,
-    PerpNegSDSEngine,
-    SDSSettings,
-    branch_counts,
-    load_stable_diffusion,
-    sds_step,
-)
-from .text import resolve_pretrained, text_embeddings, view_prompts
-from .views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_weights
 
 __all__ = [
     "SmokeError",

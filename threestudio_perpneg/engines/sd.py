@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conditioning import StepConditioning
-from .core import GuidancePredictions, perp_neg_guidance
-from .text import resolve_pretrained
+from ..core.conditioning import StepConditioning
+from ..core.guidance import GuidancePredictions, perp_neg_guidance
+from ..core.text import resolve_pretrained
 
 __all__ = [
     "SCALE_CONVENTIONS",

@@ -62,7 +62,7 @@ ActionCallback = Callable[[pathlib.Path, str], None]
 # --------------------------------------------------------------------------- shipped files
 def _repo_configs_dir() -> Optional[pathlib.Path]:
     """``<repo>/configs`` when the package is imported from this repository's source tree."""
-    repo = pathlib.Path(__file__).resolve().parent.parent
+    repo = pathlib.Path(__file__).resolve().parents[2]
     # The shim marks our checkout (an installed package's parent is site-packages, whose
     # configs/ folder, if any, belongs to someone else).
     if (repo / SHIM_RELPATH).is_file():
@@ -298,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``threestudio-perpneg link THREESTUDIO_ROOT [--symlink] [--force]``; returns the exit code.
 
     ``argv`` holds the arguments after ``link`` (``threestudio_perpneg.__main__`` strips the
-    subcommand; default ``sys.argv[1:]``, for ``python -m threestudio_perpneg.link ROOT``). Errors
+    subcommand; default ``sys.argv[1:]``, for ``python -m threestudio_perpneg.commands.link ROOT``). Errors
     print one line to stderr and return 2; ``--help`` returns 0.
     """
     parser = _parser()

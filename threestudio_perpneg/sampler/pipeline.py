@@ -9,7 +9,7 @@ positive direction, so a negative prompt cannot undo the main prompt:
     Δ_P = Σ_{j∈P} w_j Δ_j                                  (main prompt + positive extras)
     ε̂   = ε_u + s · (Δ_P + Σ_{i∈N} w_i ⊥(Δ_i, Δ_P)),       ⊥(a, b) = a − (⟨a, b⟩ / ‖b‖²) b
 
-with the inner product taken per image. The combination is :func:`threestudio_perpneg.core.
+with the inner product taken per image. The combination is :func:`threestudio_perpneg.core.guidance.
 perp_neg_guidance`, the same function the 3D guidance uses. The guidance-scale convention is the
 diffusers / paper one (ε̂ = ε_u + s·(…), default s = 7.5).
 
@@ -30,7 +30,7 @@ Modes (``mode=``), so figures compare like with like on the same UNet and seeds:
 
 :meth:`PerpNegSampler.generate_view` adds view conditioning: the positive is the view embedding
 interpolated at the requested azimuth (``"{prompt}, side view"`` …), the other views are negatives
-with the weights of the 3D prompt processor's schemes (:mod:`threestudio_perpneg.views`).
+with the weights of the 3D prompt processor's schemes (:mod:`threestudio_perpneg.core.views`).
 
 This module imports torch only; diffusers and PIL are imported when first needed.
 """
@@ -58,9 +58,9 @@ from typing import (
 import torch
 from torch import Tensor
 
-from .core import perp_neg_guidance
-from .text import resolve_pretrained, view_prompts
-from .views import (
+from ..core.guidance import perp_neg_guidance
+from ..core.text import resolve_pretrained, view_prompts
+from ..core.views import (
     SCHEMES,
     VIEW_NAMES,
     ViewThresholds,
@@ -671,7 +671,7 @@ class PerpNegSampler:
         r"""Generates an object seen from a view name or azimuth, with view negatives.
 
         The view prompts are threestudio's (``"{prompt}, side view"``, ``front``, ``back``,
-        ``overhead``). With r the interpolation factor of :func:`threestudio_perpneg.views.
+        ``overhead``). With r the interpolation factor of :func:`threestudio_perpneg.core.views.
         view_weights` (front half: r = 1 − |a|/90, back half: r = 2 − |a|/90), the positive is the
         interpolated embedding r·e_front + (1 − r)·e_side (front half) or r·e_side + (1 − r)·e_back
         (back half), the overhead prompt above the overhead threshold (60°). The other views become
@@ -989,7 +989,7 @@ class PerpNegSampler:
 def _view_weights_for(
     azimuth: float, elevation: float, scheme: str, view: Optional[int] = None
 ) -> Any:
-    """:func:`threestudio_perpneg.views.view_weights` of one camera (float64), default thresholds."""
+    """:func:`threestudio_perpneg.core.views.view_weights` of one camera (float64), default thresholds."""
     return view_weights(
         torch.tensor([elevation], dtype=torch.float64),
         torch.tensor([azimuth], dtype=torch.float64),

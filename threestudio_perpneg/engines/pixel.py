@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conditioning import StepConditioning
-from .core import GuidancePredictions, perp_neg_guidance
+from ..core.conditioning import StepConditioning
+from ..core.guidance import GuidancePredictions, perp_neg_guidance
+from ..core.text import resolve_pretrained
 from .sd import (
     PerpNegSDSEngine,
     SDSSettings,
@@ -30,7 +31,6 @@ from .sd import (
     eval_texts,
     reparameterised_loss,
 )
-from .text import resolve_pretrained
 
 __all__ = ["IF_RESOLUTION", "load_deepfloyd_if", "PerpNegIFEngine", "if_sds_step"]
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conditioning import StepConditioning
+from ..core.conditioning import StepConditioning
 from .sd import (
     PerpNegSDSEngine,
     _full_precision,

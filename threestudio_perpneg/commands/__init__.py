@@ -1,0 +1,7 @@
+"""Command-line entry points (``python -m threestudio_perpneg COMMAND``) and their shared helpers.
+
+* :mod:`.smoke`: CPU smoke run / 2D Perp-Neg SDS playground.
+* :mod:`.generate`: the 2D sampler's command line (``perpneg-2d``).
+* :mod:`.link`: link the shim and configs into a threestudio checkout.
+* :mod:`.common`: argument helpers shared by every command.
+"""

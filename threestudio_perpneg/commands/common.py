@@ -9,14 +9,13 @@ imported where they are used), so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple, Type, Union
+from typing import Callable, Dict, Tuple, Type, Union
+
+from ..common import io as _io
 
 #: Folder of the tiny random checkpoint under ``--out`` when no ``--model`` is given.
 TINY_DIR = "tiny-sd"
@@ -120,24 +119,9 @@ def split_text_weight(
 
 
 # ----------------------------------------------------------------------------------- outputs
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary sibling, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON (NaN and infinities refused), written atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+#: Atomic writes live in :mod:`threestudio_perpneg.common.io`; the commands use these names.
+atomic_write = _io.atomic_write
+write_json = _io.write_json_atomic
 
 
 def versions() -> Dict[str, str]:

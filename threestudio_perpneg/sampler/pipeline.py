@@ -37,42 +37,41 @@ This module imports torch only; diffusers and PIL are imported when first needed
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
-import numbers
-from dataclasses import dataclass, field
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Dict,
-    List,
-    Mapping,
-    NamedTuple,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..common.checks import SEED_MAX_64, check_int, check_text
+from ..common.io import to_jsonable
 from ..core.guidance import perp_neg_guidance
-from ..core.text import resolve_pretrained, view_prompts
-from ..core.views import (
-    SCHEMES,
-    VIEW_NAMES,
-    ViewThresholds,
-    make_scheme,
-    view_index,
-    view_weights,
+from ..core.text import view_prompts
+from ..core.views import VIEW_NAMES
+from .checks import (
+    MODES,
+    VIEW_AZIMUTHS,
+    camera_view_weights,
+    check_azimuths,
+    check_extras,
+    check_mode,
+    check_sampling,
+    check_view_request,
+    check_weights,
 )
+from .prompts import MAX_SEEDS, PromptSpec, parse_prompts, parse_seeds
+from .results import Branch as _Branch
+from .results import GenerationResult, plan_branches, strip
+from .results import Plan as _Plan
+from .results import round6 as _round
+from .schedulers import SCHEDULERS, load_pipeline, make_scheduler
+from .schedulers import accepts as _accepts
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = [
+    "MAX_SEEDS",
     "MODES",
     "SCHEDULERS",
     "VIEW_AZIMUTHS",
@@ -86,291 +85,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODES: Tuple[str, str, str] = ("perpneg", "cebm", "sd")
-
-#: ``scheduler=`` names of :meth:`PerpNegSampler.from_pretrained` → diffusers class names.
-SCHEDULERS: Mapping[str, str] = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
-
-#: Azimuth (degrees) a view name stands for in :meth:`PerpNegSampler.generate_view`.
-VIEW_AZIMUTHS: Mapping[str, float] = {"front": 0.0, "side": 90.0, "back": 180.0, "overhead": 0.0}
-
-#: Most seeds :func:`parse_seeds` expands a text to (guards against "0-999999999").
-MAX_SEEDS = 10_000
-_MAX_SEED = 2**64 - 1
 _EMBEDDING_CACHE_SIZE = 128
 
 
-# ----------------------------------------------------------------------------- validation
-def _check_text(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
-    return value.strip()
-
-
-def _check_real(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{key}: expected a finite number, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{key}: expected a finite number, got {value!r}")
-    return x
-
-
-def _check_int(key: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    n = int(value)
-    if n < lo or (hi is not None and n > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{key}: expected an integer {bound}, got {value!r}")
-    return n
-
-
-def _check_mode(mode: Any) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode: unknown mode {mode!r}, expected one of {MODES}")
-    return str(mode)
-
-
-def _check_extras(extra_prompts: Any) -> List[str]:
-    if isinstance(extra_prompts, str):
-        raise ValueError(
-            f"extra_prompts: expected a sequence of strings, got the single string "
-            f"{extra_prompts!r} (wrap it in a list)"
-        )
-    try:
-        items = list(extra_prompts)
-    except TypeError:
-        raise ValueError(
-            f"extra_prompts: expected a sequence of strings, got {extra_prompts!r}"
-        ) from None
-    return [_check_text(f"extra_prompts[{i}] (prompt)", p) for i, p in enumerate(items)]
-
-
-def _check_weights(weights: Any, n_extras: int) -> List[float]:
-    """``[main, *extras]`` weights; ``None`` gives main 1.0 and each extra −1.0."""
-    if weights is None:
-        return [1.0] + [-1.0] * n_extras
-    if isinstance(weights, (str, bytes)):
-        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}")
-    try:
-        items = list(weights)
-    except TypeError:
-        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}") from None
-    if len(items) != 1 + n_extras:
-        raise ValueError(
-            f"weights: expected {1 + n_extras} values (the main prompt's weight, then one per "
-            f"extra prompt; {n_extras} extra prompt(s) given), got {len(items)}: {items!r}"
-        )
-    out = [_check_real(f"weights[{i}]", w) for i, w in enumerate(items)]
-    if out[0] <= 0.0:
-        raise ValueError(
-            f"weights[0]: the main prompt's weight must be > 0 (extra prompts carry the negative "
-            f"weights), got {items[0]!r}"
-        )
-    return out
-
-
-def _check_size(key: str, value: Any, multiple: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
-        raise ValueError(f"{key}: expected a positive multiple of {multiple}, got {value!r}")
-    if int(value) % multiple:
-        raise ValueError(f"{key}: expected a multiple of {multiple}, got {value!r}")
-    return int(value)
-
-
-def _check_seeds(seeds: Any) -> List[int]:
-    if isinstance(seeds, (str, bytes)):
-        raise ValueError(
-            f"seeds: expected a sequence of integers, got the string {seeds!r} (use parse_seeds)"
-        )
-    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    try:
-        items = list(seeds)
-    except TypeError:
-        raise ValueError(f"seeds: expected a sequence of integers, got {seeds!r}") from None
-    if not items:
-        raise ValueError("seeds: expected at least one seed, got an empty sequence")
-    return [_check_int(f"seeds[{i}]", s, 0, _MAX_SEED) for i, s in enumerate(items)]
-
-
-# -------------------------------------------------------------------------- text parsing
-@dataclass
-class PromptSpec:
-    """A main prompt, extra prompts and their weights (``weights[0]`` is the main prompt's).
-
-    Args:
-        main (`str`): the main prompt.
-        extras (`List[str]`): extra prompts, in order.
-        weights (`List[float]`): ``1 + len(extras)`` weights: the main prompt's, then one per extra
-            (negative = remove the concept, positive = add it).
-    """
-
-    main: str
-    extras: List[str]
-    weights: List[float]
-
-
-def parse_prompts(text: str, weights: Optional[str] = None) -> PromptSpec:
-    """Parses ``"main | extra1 | extra2"`` with ``"1 | -1.5 | -0.3"`` (the official repository's form).
-
-    Args:
-        text (`str`): prompts separated by ``|``; the first is the main prompt.
-        weights (`str`, *optional*): as many ``|``-separated numbers as prompts. ``None`` gives the
-            main prompt 1.0 and every extra prompt −1.0.
-
-    Returns:
-        [`PromptSpec`].
-
-    Raises:
-        `ValueError`: naming ``prompt`` when any prompt is empty, ``weights`` when a weight is not
-            a finite number or the count does not match the prompts.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"prompt: expected a string, got {text!r}")
-    parts = [p.strip() for p in text.split("|")]
-    for i, p in enumerate(parts):
-        if not p:
-            what = "the main prompt" if i == 0 else f"extra prompt {i}"
-            raise ValueError(f"prompt: {what} is empty in {text!r}")
-    if weights is None:
-        return PromptSpec(parts[0], parts[1:], [1.0] + [-1.0] * (len(parts) - 1))
-    if not isinstance(weights, str):
-        raise ValueError(f"weights: expected a string like '1 | -1.5', got {weights!r}")
-    values: List[float] = []
-    for i, w in enumerate(weights.split("|")):
-        try:
-            x = float(w.strip())
-        except ValueError:
-            raise ValueError(
-                f"weights: item {i} {w.strip()!r} of {weights!r} is not a number"
-            ) from None
-        if not math.isfinite(x):
-            raise ValueError(f"weights: item {i} of {weights!r} is not finite")
-        values.append(x)
-    if len(values) != len(parts):
-        raise ValueError(
-            f"weights: got {len(values)} weight(s) {weights!r} for {len(parts)} prompt(s) "
-            f"{text!r}; give one per prompt, the main prompt's first"
-        )
-    if values[0] <= 0.0:
-        raise ValueError(f"weights: the main prompt's weight must be > 0, got {values[0]!r}")
-    return PromptSpec(parts[0], parts[1:], values)
-
-
-def parse_seeds(text: str) -> List[int]:
-    """Parses ``"0-7"`` (inclusive), ``"1,3,5"``, ``"30"`` or ``"0-3,10"`` into a list of seeds.
-
-    Raises:
-        `ValueError`: naming ``seeds`` for empty text or items, non-numbers, negative numbers,
-            reversed ranges (``"7-0"``) or more than :data:`MAX_SEEDS` seeds.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"seeds: expected e.g. '0-7', '1,3,5' or '30', got {text!r}")
-    out: List[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        lo_s, sep, hi_s = item.partition("-")
-        if not lo_s.strip().isdigit() or (sep and not hi_s.strip().isdigit()):
-            raise ValueError(
-                f"seeds: {item!r} in {text!r} is not a non-negative integer or a range 'a-b'"
-            )
-        lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
-        if hi < lo:
-            raise ValueError(f"seeds: range {item!r} in {text!r} is reversed (expected a <= b)")
-        if hi > _MAX_SEED:
-            raise ValueError(f"seeds: {hi} in {text!r} exceeds {_MAX_SEED}")
-        if len(out) + (hi - lo + 1) > MAX_SEEDS:
-            raise ValueError(f"seeds: {text!r} expands to more than {MAX_SEEDS} seeds")
-        out.extend(range(lo, hi + 1))
-    return out
-
-
-# ------------------------------------------------------------------------------ schedulers
-def make_scheduler(name: str, config: Any) -> Any:
-    """A diffusers scheduler by short name (:data:`SCHEDULERS`) built ``from_config(config)``."""
-    if name not in SCHEDULERS:
-        raise ValueError(
-            f"scheduler: unknown scheduler {name!r}, expected one of {list(SCHEDULERS)}"
-        )
-    import diffusers
-
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-def _parse_dtype(value: Union[torch.dtype, str]) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
-    if value not in names:
-        raise ValueError(
-            f"torch_dtype: expected a torch.dtype or one of {sorted(names)}, got {value!r}"
-        )
-    return names[value]
-
-
-# --------------------------------------------------------------------------------- results
-@dataclass
-class GenerationResult:
-    """Output of :meth:`PerpNegSampler.generate` / :meth:`PerpNegSampler.generate_view`.
-
-    Args:
-        images (`List[PIL.Image.Image]`): one RGB image per seed, in seed order.
-        latents (`torch.Tensor`): final latents ``[N, C, h, w]`` before decoding, in the UNet dtype.
-        seeds (`List[int]`): the seeds, in image order.
-        mode (`str`): ``"perpneg"``, ``"cebm"`` or ``"sd"``.
-        weights (`dict`): what was actually used, JSON-serialisable: ``positive`` and ``negative``
-            (lists of ``[text, weight]``), ``uncond`` (the unconditional text), ``requested`` (the
-            prompts and weights as given), ``view`` (``None``, or ``azimuth``, ``elevation``,
-            ``view``, ``r``, ``positive_mix``, ``negative_weights``, ``scheme``) and, in ``sd``
-            mode, ``note``.
-        unet_calls (`int`): UNet forward calls made: one per timestep of the scheduler, i.e.
-            ``num_inference_steps`` (PNDM / Heun-style schedulers have a few more timesteps).
-        settings (`dict`): every sampling setting (JSON-serialisable) needed to regenerate the images.
-    """
-
-    images: List[PILImage.Image]
-    latents: Tensor
-    seeds: List[int]
-    mode: str
-    weights: Dict[str, Any]
-    unet_calls: int
-    settings: Dict[str, Any] = field(default_factory=dict)
-
-
-class _Branch(NamedTuple):
-    label: str
-    embedding: Tensor  # [L, D]
-    weight: float
-
-
-class _Plan(NamedTuple):
-    uncond_label: str
-    uncond: Tensor  # [L, D]
-    positives: List[_Branch]
-    negatives: List[_Branch]
-    report: Dict[str, Any]
-
-
-def _round(x: float) -> float:
-    return float(f"{float(x):.6g}")
-
-
-# --------------------------------------------------------------------------------- sampler
 class PerpNegSampler:
     """Batched Perp-Neg / composable / negative-prompt sampling over a Stable Diffusion pipeline.
 
@@ -431,29 +148,7 @@ class PerpNegSampler:
             raise ValueError(
                 f"scheduler: unknown scheduler {scheduler!r}, expected one of {list(SCHEDULERS)}"
             )
-        dtype = _parse_dtype(torch_dtype)
-        path = resolve_pretrained(name_or_path, key="model (pretrained path)")
-        import diffusers.utils
-        from diffusers import StableDiffusionPipeline
-
-        # Newer diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns).
-        renamed = hasattr(getattr(diffusers.utils, "deprecation_utils", None), "_resolve_dtype")
-        dtype_kwarg = {"dtype" if renamed else "torch_dtype": dtype}
-        try:
-            pipe: Any = StableDiffusionPipeline.from_pretrained(
-                path,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                **dtype_kwarg,
-            )
-        except OSError as err:
-            raise FileNotFoundError(
-                f"model (pretrained path): could not load {name_or_path!r} as a diffusers Stable "
-                "Diffusion checkpoint (a local folder with model_index.json, unet/, vae/, "
-                f"text_encoder/, tokenizer/, scheduler/, or a hub id in the local cache): {err}"
-            ) from err
-        pipe = pipe.to(device)
+        pipe = load_pipeline(name_or_path, torch_dtype, device)
         sampler = cls(pipe)
         if scheduler is not None:
             sampler.set_scheduler(scheduler)
@@ -535,54 +230,9 @@ class PerpNegSampler:
         return emb
 
     # ---------------------------------------------------------------- planning
-    def _plan(
-        self,
-        positive: _Branch,
-        extras: Sequence[str],
-        weights: Sequence[float],
-        mode: str,
-        negative_prompt: str,
-        *,
-        view_negatives: Sequence[Tuple[str, float]] = (),
-        sd_positive: Optional[_Branch] = None,
-    ) -> _Plan:
-        """Branches of one generation. ``positive`` carries the main weight; ``view_negatives`` are
-        extra (text, weight) pairs from view conditioning; ``sd_positive`` replaces the positive in
-        ``sd`` mode (the positive extras already folded in)."""
-        pairs = [(t, w) for t, w in zip(extras, weights[1:])]
-        requested = [[positive.label, _round(weights[0])]] + [[t, _round(w)] for t, w in pairs]
-        all_pairs = list(view_negatives) + pairs
-        if mode == "sd":
-            pos = sd_positive if sd_positive is not None else positive
-            neg_texts = [t for t, w in all_pairs if w < 0]
-            uncond_text = ", ".join(neg_texts + ([negative_prompt] if negative_prompt else []))
-            report: Dict[str, Any] = {
-                "positive": [[pos.label, 1.0]],
-                "negative": [],
-                "uncond": uncond_text,
-                "requested": requested,
-                "note": "sd mode: plain negative prompt; only the signs of the weights are used "
-                "(positive extras appended to the prompt, negative ones joined into the "
-                "unconditional text), their magnitudes are ignored",
-            }
-            return _Plan(
-                uncond_text, self.encode(uncond_text), [pos._replace(weight=1.0)], [], report
-            )
-
-        branches = [_Branch(t, self.encode(t), float(w)) for t, w in all_pairs if w != 0.0]
-        if mode == "cebm":
-            pos_list = [positive] + branches
-            neg_list: List[_Branch] = []
-        else:
-            pos_list = [positive] + [b for b in branches if b.weight > 0]
-            neg_list = [b for b in branches if b.weight < 0]
-        report = {
-            "positive": [[b.label, _round(b.weight)] for b in pos_list],
-            "negative": [[b.label, _round(b.weight)] for b in neg_list],
-            "uncond": negative_prompt,
-            "requested": requested,
-        }
-        return _Plan(negative_prompt, self.encode(negative_prompt), pos_list, neg_list, report)
+    def _plan(self, positive: _Branch, *args: Any, **kwargs: Any) -> _Plan:
+        """Branches of one generation (:func:`~.results.plan_branches` with this encoder)."""
+        return plan_branches(self.encode, positive, *args, **kwargs)
 
     # --------------------------------------------------------------- generation
     def generate(
@@ -635,10 +285,10 @@ class PerpNegSampler:
                 count or values, unknown ``mode``, ``height`` / ``width`` not multiples of 8,
                 empty ``seeds``, ``num_inference_steps`` < 1, non-finite ``guidance_scale`` / ``eta``.
         """
-        prompt = _check_text("prompt", prompt)
-        extras = _check_extras(extra_prompts)
-        w = _check_weights(weights, len(extras))
-        mode = _check_mode(mode)
+        prompt = check_text("prompt", prompt)
+        extras = check_extras(extra_prompts)
+        w = check_weights(weights, len(extras))
+        mode = check_mode(mode)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
         sampling = self._check_sampling(
@@ -699,51 +349,18 @@ class PerpNegSampler:
                 azimuth out of range), ``elevation``, ``scheme``, ``view_weights``, and everything
                 :meth:`generate` checks.
         """
-        prompt = _check_text("prompt", prompt)
-        if (view is None) == (azimuth is None):
-            raise ValueError(
-                "view/azimuth: give exactly one of view (front|side|back|overhead) or azimuth "
-                f"(degrees), got view={view!r}, azimuth={azimuth!r}"
-            )
-        elev = _check_real("elevation", elevation)
-        if not -90.0 <= elev <= 90.0:
-            raise ValueError(f"elevation: expected degrees in [-90, 90], got {elevation!r}")
-        forced: Optional[int] = None
-        if view is not None:
-            if not isinstance(view, str):
-                raise ValueError(f"view: expected one of {VIEW_NAMES}, got {view!r}")
-            forced = view_index(view)
-            az = VIEW_AZIMUTHS[view]
-        else:
-            az = _check_real("azimuth", azimuth)
-            if not -180.0 <= az <= 360.0:
-                raise ValueError(f"azimuth: expected degrees in [-180, 360], got {azimuth!r}")
-        if scheme not in SCHEMES:
-            raise ValueError(
-                f"scheme: unknown scheme {scheme!r}, expected one of {sorted(SCHEMES)}"
-            )
-        user = None
-        if view_weights is not None:
-            if not isinstance(view_weights, Mapping):
-                raise ValueError(
-                    f"view_weights: expected a mapping like {{'front': -2.0}}, got {view_weights!r}"
-                )
-            unknown = sorted(set(view_weights) - set(VIEW_NAMES))
-            if unknown:
-                raise ValueError(
-                    f"view_weights: unknown view(s) {unknown}, expected keys from {VIEW_NAMES}"
-                )
-            user = {k: _check_real(f"view_weights[{k!r}]", v) for k, v in view_weights.items()}
-        extras = _check_extras(extra_prompts)
-        w = _check_weights(weights, len(extras))
-        mode = _check_mode(mode)
+        prompt = check_text("prompt", prompt)
+        az, elev, forced, user = check_view_request(view, azimuth, elevation, scheme, view_weights)
+        extras = check_extras(extra_prompts)
+        w = check_weights(weights, len(extras))
+        mode = check_mode(mode)
         negative_prompt = generate_kwargs.pop("negative_prompt", "")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
         progress = bool(generate_kwargs.pop("progress", True))
         sampling = self._check_sampling(**generate_kwargs)
 
-        vw = _view_weights_for(az, elev, scheme, view=forced)
+        vw = camera_view_weights(az, elev, scheme, view=forced)
         bucket = int(vw.view[0])
         mix = [float(x) for x in vw.positive_mix[0]]
         neg_w = [float(x) for x in vw.negative_weights[0]]
@@ -821,23 +438,13 @@ class PerpNegSampler:
         for key in ("view", "azimuth", "seeds"):
             if key in kwargs:
                 raise ValueError(f"{key}: view_sweep sets it itself (use azimuths= / seed=)")
-        if isinstance(azimuths, (str, bytes)):
-            raise ValueError(f"azimuths: expected a sequence of degrees, got {azimuths!r}")
-        az_list = list(azimuths)
-        if not az_list:
-            raise ValueError("azimuths: expected at least one azimuth, got an empty sequence")
-        for i, a in enumerate(az_list):
-            x = _check_real(f"azimuths[{i}] (azimuth)", a)
-            if not -180.0 <= x <= 360.0:
-                raise ValueError(
-                    f"azimuths[{i}] (azimuth): expected degrees in [-180, 360], got {a!r}"
-                )
-        seed = _check_int("seed", seed, 0, _MAX_SEED)
+        az_list = check_azimuths(azimuths)
+        seed = check_int("seed", seed, 0, SEED_MAX_64)
         results = [self.generate_view(prompt, azimuth=a, seeds=[seed], **kwargs) for a in az_list]
         labels = [
             f"{float(a):g}\u00b0 {r.weights['view']['view']}" for a, r in zip(az_list, results)
         ]
-        return _strip([r.images[0] for r in results], labels), results
+        return strip([r.images[0] for r in results], labels), results
 
     # ------------------------------------------------------------------ the loop
     def _check_sampling(
@@ -849,23 +456,16 @@ class PerpNegSampler:
         seeds: Sequence[int] = (0,),
         eta: float = 0.0,
     ) -> Dict[str, Any]:
-        steps = _check_int("num_inference_steps", num_inference_steps, 1)
-        scale = _check_real("guidance_scale", guidance_scale)
-        eta_f = _check_real("eta", eta)
-        if eta_f < 0:
-            raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
-        dh, dw = self.default_size()
-        mult = self.vae_scale_factor
-        h = dh if height is None else _check_size("height", height, mult)
-        wd = dw if width is None else _check_size("width", width, mult)
-        return {
-            "num_inference_steps": steps,
-            "guidance_scale": scale,
-            "height": h,
-            "width": wd,
-            "seeds": _check_seeds(seeds),
-            "eta": eta_f,
-        }
+        return check_sampling(
+            self.default_size(),
+            self.vae_scale_factor,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            seeds,
+            eta,
+        )
 
     @torch.no_grad()
     def _sample(
@@ -956,7 +556,7 @@ class PerpNegSampler:
                 "negative_prompt": negative_prompt,
                 **{k: v for k, v in sampling.items()},
                 "scheduler": type(scheduler).__name__,
-                "scheduler_config": _jsonable(dict(scheduler.config)),
+                "scheduler_config": to_jsonable(dict(scheduler.config), nonfinite="keep"),
                 "dtype": str(dtype).replace("torch.", ""),
                 "device": str(device),
             }
@@ -984,51 +584,3 @@ class PerpNegSampler:
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
         array = (array * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in array]
-
-
-def _view_weights_for(
-    azimuth: float, elevation: float, scheme: str, view: Optional[int] = None
-) -> Any:
-    """:func:`threestudio_perpneg.core.views.view_weights` of one camera (float64), default thresholds."""
-    return view_weights(
-        torch.tensor([elevation], dtype=torch.float64),
-        torch.tensor([azimuth], dtype=torch.float64),
-        make_scheme(scheme),
-        ViewThresholds(),
-        view=None if view is None else torch.tensor([view]),
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def _strip(images: Sequence[PILImage.Image], labels: Sequence[str]) -> PILImage.Image:
-    """Tiles side by side (width = Σ tile widths, height = the tallest), each labelled top-left."""
-    from PIL import Image, ImageDraw
-
-    width = sum(im.width for im in images)
-    height = max(im.height for im in images)
-    strip = Image.new("RGB", (width, height), (0, 0, 0))
-    x = 0
-    for im, label in zip(images, labels):
-        tile = im.convert("RGB").copy()
-        draw = ImageDraw.Draw(tile)
-        try:
-            box = draw.textbbox((2, 1), label)
-        except UnicodeEncodeError:  # old bitmap font without the degree sign
-            label = label.replace("\u00b0", "")
-            box = draw.textbbox((2, 1), label)
-        draw.rectangle((0, 0, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-        draw.text((2, 1), label, fill=(255, 255, 255))
-        strip.paste(tile, (x, 0))
-        x += im.width
-    return strip

@@ -1,0 +1,248 @@
+"""Input checks shared by the library entry points and the commands (one copy of each).
+
+Every check returns the normalised value or raises ``error`` (``ValueError`` by default; the sweep
+passes its ``SweepError``) with one line ``"<key>: expected ..., got <value>"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from typing import Any, Iterable, List, Optional, Sequence, Type
+
+__all__ = [
+    "MAX_SEEDS",
+    "SEED_MAX_64",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_name",
+    "check_names",
+    "check_seeds",
+    "check_text",
+    "parse_seed_text",
+    "slug",
+    "unique_slugs",
+]
+
+#: Most seeds a seed text or list may hold (guards against "0-999999999").
+MAX_SEEDS = 10_000
+#: Largest seed a ``torch.Generator`` takes.
+SEED_MAX_64 = 2**64 - 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _bound_text(lo: Optional[float], hi: Optional[float]) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def check_int(
+    key: str,
+    value: Any,
+    lo: Optional[int] = None,
+    hi: Optional[int] = None,
+    *,
+    error: Type[Exception] = ValueError,
+) -> int:
+    """An integer (not a bool; numpy integers too) in ``[lo, hi]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{key}: expected an integer{_bound_text(lo, hi)}, got {value!r}")
+    n = int(value)
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        raise error(f"{key}: expected an integer{_bound_text(lo, hi)}, got {value!r}")
+    return n
+
+
+def check_float(
+    key: str,
+    value: Any,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    *,
+    error: Type[Exception] = ValueError,
+) -> float:
+    """A finite real number (not a bool) in ``[lo, hi]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{key}: expected a finite number{_bound_text(lo, hi)}, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise error(f"{key}: expected a finite number{_bound_text(lo, hi)}, got {value!r}")
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        raise error(f"{key}: expected a value{_bound_text(lo, hi)}, got {value!r}")
+    return x
+
+
+def check_bool(key: str, value: Any, *, error: Type[Exception] = ValueError) -> bool:
+    """``True`` or ``False`` (not 0/1, not strings)."""
+    if not isinstance(value, bool):
+        raise error(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def check_text(key: str, value: Any, *, error: Type[Exception] = ValueError) -> str:
+    """A non-blank string, stripped."""
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def check_name(key: str, value: Any, *, error: Type[Exception] = ValueError) -> str:
+    """A name of letters, digits, ``_ . -`` starting with a letter or digit (safe in paths)."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise error(
+            f"{key}: expected a name of letters, digits, '_', '.', '-' (starting with a letter or "
+            f"digit), got {value!r}"
+        )
+    return value
+
+
+def check_choice(
+    key: str,
+    value: Any,
+    allowed: Sequence[Any],
+    *,
+    what: str = "name",
+    error: Type[Exception] = ValueError,
+) -> str:
+    """One of ``allowed``; the message says ``unknown <what>``."""
+    if value not in allowed:
+        raise error(f"{key}: unknown {what} {value!r}, expected one of {tuple(allowed)}")
+    return str(value)
+
+
+def check_names(key: str, values: Any, allowed: Sequence[str]) -> List[str]:
+    """Some of ``allowed``, as a list or a comma/space separated string; not empty, no repeats."""
+    if isinstance(values, str):
+        values = [p.strip() for p in re.split(r"[,\s]+", values) if p.strip()]
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{key}: expected some of {list(allowed)}, got {values!r}") from None
+    if not items:
+        raise ValueError(f"{key}: expected at least one of {list(allowed)}, got none")
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"{key}: unknown name {item!r}, expected some of {list(allowed)}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{key}: a name is repeated in {items}")
+    return items
+
+
+# ------------------------------------------------------------------------------------- seeds
+def parse_seed_text(
+    text: Any,
+    key: str = "seeds",
+    *,
+    max_seed: int = SEED_MAX_64,
+    max_count: int = MAX_SEEDS,
+    error: Type[Exception] = ValueError,
+) -> List[int]:
+    """``"0-7"`` (inclusive), ``"1,3,5"``, ``"30"`` or ``"0-3, 10"`` as a list of seeds.
+
+    Raises ``error`` naming ``key`` for empty text or items, non-numbers, negative numbers,
+    reversed ranges (``"7-0"``), seeds above ``max_seed`` or more than ``max_count`` seeds.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise error(f"{key}: expected e.g. '0-7', '1,3,5' or '30', got {text!r}")
+    out: List[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        lo_s, sep, hi_s = item.partition("-")
+        if not lo_s.strip().isdigit() or (sep and not hi_s.strip().isdigit()):
+            raise error(
+                f"{key}: {item!r} in {text!r} is not a non-negative integer or a range 'a-b'"
+            )
+        lo = int(lo_s)
+        hi = int(hi_s) if sep else lo
+        if hi < lo:
+            raise error(f"{key}: range {item!r} in {text!r} is reversed (expected a <= b)")
+        if hi > max_seed:
+            raise error(f"{key}: {hi} in {text!r} exceeds {max_seed}")
+        if len(out) + (hi - lo + 1) > max_count:
+            raise error(f"{key}: {text!r} expands to more than {max_count} seeds")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def check_seeds(
+    value: Any,
+    key: str = "seeds",
+    *,
+    max_seed: int = SEED_MAX_64,
+    unique: bool = False,
+    text: bool = False,
+    error: Type[Exception] = ValueError,
+) -> List[int]:
+    """Seeds from a sequence of integers or one integer (with ``text``, also a seed text).
+
+    Each seed is in ``[0, max_seed]``; the list is not empty and, with ``unique``, holds no seed
+    twice.
+    """
+    if isinstance(value, str) and text:
+        items: List[Any] = parse_seed_text(value, key, max_seed=max_seed, error=error)
+    elif isinstance(value, (str, bytes)):
+        raise error(
+            f"{key}: expected a sequence of integers, got the string {value!r} (use parse_seeds)"
+        )
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise error(f"{key}: expected a sequence of integers, got {value!r}") from None
+    if not items:
+        raise error(f"{key}: expected at least one seed, got none")
+    seeds = [check_int(f"{key}[{i}]", s, 0, max_seed, error=error) for i, s in enumerate(items)]
+    if unique:
+        seen = set()
+        for s in seeds:
+            if s in seen:
+                raise error(f"{key}: seed {s} given twice")
+            seen.add(s)
+    return seeds
+
+
+# ------------------------------------------------------------------------------------- slugs
+def slug(
+    text: str,
+    *,
+    sep: str = "_",
+    limit: Optional[int] = None,
+    lower: bool = True,
+    keep: str = "",
+    fallback: str = "item",
+) -> str:
+    """``text`` as a file-name part: runs of other characters than letters, digits and ``keep``
+    become ``sep``; lower-cased unless ``lower=False``; at most ``limit`` characters; ``fallback``
+    when nothing is left."""
+    letters = "a-z0-9" if lower else "A-Za-z0-9"
+    s = re.sub(f"[^{letters}{re.escape(keep)}]+", sep, text.lower() if lower else text)
+    s = s.strip(sep)
+    if limit is not None:
+        s = s[:limit].rstrip(sep)
+    return s or fallback
+
+
+def unique_slugs(names: Iterable[str], **slug_options: Any) -> List[str]:
+    """:func:`slug` of each name, later repeats suffixed ``-2``, ``-3`` ..."""
+    used: dict = {}
+    out = []
+    for name in names:
+        s = slug(name, **slug_options)
+        if s in used:
+            used[s] += 1
+            s = f"{s}-{used[s]}"
+        else:
+            used[s] = 1
+        out.append(s)
+    return out

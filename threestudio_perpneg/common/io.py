@@ -1,0 +1,116 @@
+"""Atomic file writes and JSON conversion (one copy of each, for every command and report).
+
+A write goes to a temporary sibling of the target (same folder, so the same file system), is
+flushed to disk, gets the permissions of a freshly created file (``0o666`` minus the umask) and
+is moved over the target with ``os.replace``: a reader, or a resumed run, sees the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "atomic_write",
+    "save_image_atomic",
+    "to_jsonable",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
+    """Write through ``write(tmp_path)`` into a temporary sibling, then ``os.replace`` it over
+    ``path`` (parent folders are created)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:  # what ``write`` wrote reaches the disk before the rename
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """``data`` written atomically to ``path``."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """``text`` (UTF-8, newlines as given) written atomically to ``path``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json_atomic(
+    path: PathLike,
+    obj: Any,
+    *,
+    allow_nan: bool = False,
+    default: Optional[Callable[[Any], Any]] = None,
+) -> None:
+    """``obj`` as indented JSON plus a newline, written atomically.
+
+    NaN and infinities are refused unless ``allow_nan``; ``default`` converts what JSON cannot
+    hold (e.g. ``str``), as in :func:`json.dumps`.
+    """
+    text = json.dumps(obj, indent=2, allow_nan=allow_nan, default=default) + "\n"
+    write_text_atomic(path, text)
+
+
+def save_image_atomic(path: PathLike, image: Any, format: str = "PNG", **options: Any) -> None:
+    """A PIL image (or anything with ``save(path, format=...)``) saved atomically."""
+    atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
+
+
+def to_jsonable(value: Any, *, nonfinite: str = "null") -> Any:
+    """A JSON-safe copy: mappings with ``str`` keys, tuples to lists, tensors / arrays / numpy
+    scalars through ``tolist()``, other numbers through ``float``, anything else through ``str``.
+
+    Non-finite floats become ``None`` (``nonfinite="null"``), their text (``"str"``: ``"nan"``,
+    ``"inf"``) or stay (``"keep"``; then only ``json.dumps(allow_nan=True)`` takes them).
+    """
+    if nonfinite not in ("null", "str", "keep"):
+        raise ValueError(f"nonfinite: expected 'null', 'str' or 'keep', got {nonfinite!r}")
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v, nonfinite=nonfinite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, nonfinite=nonfinite) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return to_jsonable(value.tolist(), nonfinite=nonfinite)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) or nonfinite == "keep":
+            return value
+        return None if nonfinite == "null" else str(value)
+    try:
+        return to_jsonable(float(value), nonfinite=nonfinite)
+    except (TypeError, ValueError):
+        return str(value)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Tuple
+from typing import Optional, Tuple
+
+from ..common.checks import check_float
 
 __all__ = ["Z_95", "wilson_interval", "z_value"]
 
@@ -17,15 +19,21 @@ def z_value(confidence: float) -> float:
     return statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> Tuple[float, float]:
+def wilson_interval(
+    successes: int, total: int, z: float = Z_95, *, confidence: Optional[float] = None
+) -> Tuple[float, float]:
     """Wilson score interval of a binomial proportion (95 % for the default ``z``).
 
+    ``confidence`` (in [0.5, 0.9999]), when given, replaces ``z`` by :func:`z_value` of it.
     ``(0.0, 1.0)`` when ``total`` is 0; the low end is exactly 0 when ``successes`` is 0 and the
     high end exactly 1 when ``successes == total``.
 
     Raises:
-        `ValueError`: naming ``successes`` / ``total`` when not ``0 <= successes <= total``.
+        `ValueError`: naming ``successes`` / ``total`` when not ``0 <= successes <= total``, and
+            ``confidence`` when out of range.
     """
+    if confidence is not None:
+        z = z_value(check_float("confidence", confidence, 0.5, 0.9999))
     if isinstance(total, bool) or not isinstance(total, int) or total < 0:
         raise ValueError(f"total: expected an integer >= 0, got {total!r}")
     if isinstance(successes, bool) or not isinstance(successes, int):

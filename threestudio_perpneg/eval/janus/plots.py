@@ -1,5 +1,5 @@
 """Plots of the Janus evaluator (matplotlib, Agg canvas; imported lazily by
-:func:`threestudio_perpneg.eval.janus.write_reports`).
+:func:`threestudio_perpneg.eval.janus.report.write_reports`).
 
 * :func:`plot_object`: a strip plot over azimuth (−180..180, front at 0) with a row of thumbnails,
   the camera's bucket and the predicted label as coloured strips (front-at-back frames marked), and
@@ -13,8 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from ...common.io import atomic_write
+
 if TYPE_CHECKING:
-    from .janus import ObjectReport
+    from .metrics import ObjectReport
 
 __all__ = ["VIEW_COLORS", "plot_object", "plot_summary"]
 
@@ -33,6 +35,13 @@ def _figure(width: float, height: float) -> Any:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _save(fig: Any, path: Union[str, Path]) -> Path:
+    """The figure as a PNG at ``path``, written atomically."""
+    out = Path(path)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    return out
 
 
 def _thumbnail(frame: Mapping[str, Any], size: int) -> Any:
@@ -140,9 +149,7 @@ def plot_object(
         f"view accuracy {acc}",
         fontsize=10,
     )
-    out = Path(path)
-    fig.savefig(out, bbox_inches="tight")
-    return out
+    return _save(fig, path)
 
 
 def plot_summary(
@@ -179,6 +186,4 @@ def plot_summary(
         f"mean accuracy line with {conf}% CI band",
         fontsize=9,
     )
-    out = Path(path)
-    fig.savefig(out, bbox_inches="tight")
-    return out
+    return _save(fig, path)

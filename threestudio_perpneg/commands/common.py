@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Tuple, Type, Union
+from typing import Callable, Dict, NoReturn, Tuple, Type, Union
 
 from ..common import io as _io
 
@@ -30,6 +30,25 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UsageError(CommandError):
+    """A bad argument: one line naming it (``argument --x: ...``), exit code 2."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message, exit_code)
+
+    @classmethod
+    def argument(cls, arg: str, message: str) -> UsageError:
+        """The error for command-line argument ``arg``."""
+        return cls(f"argument {arg}: {message}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``PROG: error: argument --x: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_command(

@@ -119,7 +119,7 @@ def check_choice(
     return str(value)
 
 
-def check_names(key: str, values: Any, allowed: Sequence[str]) -> List[str]:
+def check_names(key: str, values: Any, allowed: Sequence[str], *, what: str = "name") -> List[str]:
     """Some of ``allowed``, as a list or a comma/space separated string; not empty, no repeats."""
     if isinstance(values, str):
         values = [p.strip() for p in re.split(r"[,\s]+", values) if p.strip()]
@@ -131,9 +131,9 @@ def check_names(key: str, values: Any, allowed: Sequence[str]) -> List[str]:
         raise ValueError(f"{key}: expected at least one of {list(allowed)}, got none")
     for item in items:
         if item not in allowed:
-            raise ValueError(f"{key}: unknown name {item!r}, expected some of {list(allowed)}")
+            raise ValueError(f"{key}: unknown {what} {item!r}, expected some of {list(allowed)}")
     if len(set(items)) != len(items):
-        raise ValueError(f"{key}: a name is repeated in {items}")
+        raise ValueError(f"{key}: a {what} is repeated in {items}")
     return items
 
 

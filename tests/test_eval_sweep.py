@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import ConfigCompositionException, MissingConfigException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from threestudio_perpneg.eval.sweep import app  # noqa: E402
+from threestudio_perpneg.eval.sweep import app, gpus, settings  # noqa: E402
 from threestudio_perpneg.eval.sweep.app import (  # noqa: E402
     CONF_DIR,
     SweepError,
@@ -134,7 +134,7 @@ def _no_inherited_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     # setenv first so that teardown restores the original state even when the sweep sets it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(app, "_inherited_cvd", app._UNSET)
+    monkeypatch.setattr(gpus, "_inherited_cvd", gpus._UNSET)
 
 
 # --------------------------------------------------------------------------- composition
@@ -279,7 +279,7 @@ def test_commands_are_threestudio_overrides(tmp_path: Path, no_subprocess: None)
 def test_prompts_survive_threestudio_cli_parsing(tmp_path: Path, prompt: str) -> None:
     cfg = compose_cfg(*small(tmp_path), "seeds=[0]", "methods=[vanilla]")
     s = load_settings(cfg)
-    s.prompts = [app._prompt_item(prompt, "test")]
+    s.prompts = [settings._prompt_item(prompt, "test")]
     (job,) = plan_jobs(s)
     kv = parse_overrides(job.command)
     assert kv["system"]["prompt_processor"]["prompt"] == prompt.strip()
@@ -310,7 +310,7 @@ def test_in_process_gpu_pinning_keeps_the_inherited_list(tmp_path: Path) -> None
         slot=1,
     )
     assert job.gpu == "1"
-    app._pin_process_gpu(job)
+    gpus.pin_process_gpu(job)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     assert gpu_for_slot(2, 0) == "0" and gpu_for_slot(2, 3) == "1"
 
@@ -638,7 +638,7 @@ def test_threestudio_reads_the_commands_as_planned(tmp_path: Path, prompt: str) 
 
     repo = Path(__file__).resolve().parent.parent
     s = load_settings(compose_cfg(*small(tmp_path, "seeds=[3]", "job.max_steps=77")))
-    s.prompts = [app._prompt_item(prompt, "test")]
+    s.prompts = [settings._prompt_item(prompt, "test")]
     for job in plan_jobs(s):
         assert job.command[1:3] == ["launch.py", "--config"]
         overrides = [a for a in job.command if "=" in a and not a.startswith("-")]

@@ -33,6 +33,7 @@ MAX_SEEDS = 10_000
 SEED_MAX_64 = 2**64 - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SEED_ITEM_RE = re.compile(r"(\d+)(?:\s*-\s*(\d+))?", re.ASCII)
 
 
 def _bound_text(lo: Optional[float], hi: Optional[float]) -> str:
@@ -156,13 +157,13 @@ def parse_seed_text(
     out: List[int] = []
     for item in text.split(","):
         item = item.strip()
-        lo_s, sep, hi_s = item.partition("-")
-        if not lo_s.strip().isdigit() or (sep and not hi_s.strip().isdigit()):
+        m = _SEED_ITEM_RE.fullmatch(item)
+        if m is None:
             raise error(
                 f"{key}: {item!r} in {text!r} is not a non-negative integer or a range 'a-b'"
             )
-        lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise error(f"{key}: range {item!r} in {text!r} is reversed (expected a <= b)")
         if hi > max_seed:

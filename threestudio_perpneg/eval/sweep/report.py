@@ -18,11 +18,11 @@ import csv
 import datetime as _dt
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ...common import io as _io
 from ..stats import wilson_interval
 
 __all__ = [
@@ -41,16 +41,9 @@ _IT_TEST_RE = re.compile(r"^it(\d+)-test$")
 
 # --------------------------------------------------------------------------- files
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then ``os.replace`` it into place: a reader
-    (or a resumed sweep) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """``data`` as JSON (NaN allowed, unknown objects as text) written atomically: a reader (or a
+    resumed sweep) never sees a half-written file."""
+    _io.write_json_atomic(path, data, allow_nan=True, default=str)
 
 
 def read_marker(path: Path) -> Optional[Dict[str, Any]]:
@@ -136,10 +129,7 @@ def _grid(rows: List[Tuple[str, List[Any]]], headers: List[str], size: int, n: i
 
 
 def _save_png(img: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    _io.save_image_atomic(path, img)
 
 
 # --------------------------------------------------------------------------- report
@@ -224,9 +214,7 @@ def write_report(out_dir: Path, *, frames: int = 8, thumb_size: int = 128) -> Pa
         "",
     ]
     path = rep / "report.md"
-    tmp = rep / f".report.md.{os.getpid()}.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    _io.write_text_atomic(path, "\n".join(lines))
     write_json_atomic(rep / "report.json", data)
     return path
 

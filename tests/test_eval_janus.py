@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from threestudio_perpneg.eval import janus
-from threestudio_perpneg.eval.janus import cli as janus_cli
 from threestudio_perpneg.eval.janus import (
     AGGREGATE_COLUMNS,
     OBJECT_COLUMNS,
@@ -41,6 +40,7 @@ from threestudio_perpneg.eval.janus import (
     wilson_interval,
     write_reports,
 )
+from threestudio_perpneg.eval.janus import cli as janus_cli
 
 LABELS = ("front", "side", "back", "overhead")
 COLORS = {

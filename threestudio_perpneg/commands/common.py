@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, NoReturn, Tuple, Type, Union
+from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple, Type, Union
 
 from ..common import io as _io
 
@@ -73,6 +73,23 @@ def run_command(
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def parse_and_run(
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    run: Callable[[argparse.Namespace], object],
+    error: Type[CommandError],
+) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``; kept as ``ns._argv`` for the JSON records) and
+    :func:`run_command` ``run(ns)``; the exit code (``--help`` 0, a usage error 2)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = parser.parse_args(args_list)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    ns._argv = args_list
+    return run_command(parser.prog, lambda: run(ns), error)
 
 
 def first_line(err: BaseException) -> str:

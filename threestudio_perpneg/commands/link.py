@@ -28,6 +28,8 @@ import pathlib
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
+from ..common.io import write_bytes_atomic
+
 __all__ = [
     "SHIM_SOURCE",
     "SHIM_RELPATH",
@@ -131,22 +133,6 @@ def _temp_name(target: pathlib.Path) -> pathlib.Path:
         tmp = target.with_name(f".{target.name}.{os.urandom(6).hex()}.tmp")
         if not os.path.lexists(tmp):
             return tmp
-
-
-def _write_bytes_atomic(target: pathlib.Path, data: bytes) -> None:
-    tmp = _temp_name(target)
-    umask = os.umask(0)
-    os.umask(umask)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 def _symlink_atomic(target: pathlib.Path, source: pathlib.Path) -> None:
@@ -262,7 +248,7 @@ def link_into(
     for item, state in zip(items, states):
         if state != "up to date":
             if item.source is None:
-                _write_bytes_atomic(item.target, item.data)
+                write_bytes_atomic(item.target, item.data)
             else:
                 _symlink_atomic(item.target, item.source)
         if on_action is not None:

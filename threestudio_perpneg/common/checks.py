@@ -21,6 +21,7 @@ __all__ = [
     "check_name",
     "check_names",
     "check_seeds",
+    "check_sequence",
     "check_text",
     "parse_seed_text",
     "slug",
@@ -104,6 +105,16 @@ def check_name(key: str, value: Any, *, error: Type[Exception] = ValueError) -> 
             f"digit), got {value!r}"
         )
     return value
+
+
+def check_sequence(key: str, value: Any, what: str) -> List[Any]:
+    """``value`` as a list (a string is not a sequence here); ``what`` names the items."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{key}: expected a sequence of {what}, got {value!r}")
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{key}: expected a sequence of {what}, got {value!r}") from None
 
 
 def check_choice(

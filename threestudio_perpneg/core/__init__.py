@@ -1,6 +1,7 @@
 """The pure Perp-Neg core: algebra, view weighting, per-step conditioning, text encoding and cache.
 
-Imports no threestudio and no diffusers model code; every other layer builds on it.
+Imports no threestudio and no diffusers model code (of the package only :mod:`threestudio_perpneg.common`);
+every other layer builds on it.
 
 * :mod:`.guidance`: the projection ⊥(a, b) and the Perp-Neg combination (eq. 6 of the paper).
 * :mod:`.views`: azimuth buckets, positive-prompt interpolation and the weight schemes.

@@ -4,7 +4,12 @@
   front / side / back / overhead views (transformers or open_clip).
 * :mod:`.eval2d`: the paper's 2D protocol (prompts × requested views × seeds, in the modes sd, cebm
   and perpneg), success rate of the requested view per mode (``python -m threestudio_perpneg
-  eval2d``).
+  eval2d``; package: ``protocol``, ``report``, ``cli``).
+* :mod:`.janus`: the 3D Janus evaluator (``eval3d``; package: ``flags``, ``trials``, ``metrics``,
+  ``report``, ``plots``, ``cli``).
+* :mod:`.sweep`: the Hydra reproduction sweep (``settings``, ``plan``, ``gpus``, ``run``,
+  ``report``, ``app``).
+* :mod:`.stats`: the Wilson score interval shared by the evaluators.
 
 Importing this package imports nothing heavy: the names below load their module on first access.
 Nothing here imports threestudio; matplotlib is imported only when a chart is drawn.

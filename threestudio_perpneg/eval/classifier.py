@@ -39,6 +39,8 @@ from typing import (
 import torch
 from torch import Tensor
 
+from ..common.checks import check_sequence, check_text
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -158,9 +160,7 @@ def check_labels(labels: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 
 
 def _check_object(object_name: Any) -> str:
-    if not isinstance(object_name, str) or not object_name.strip():
-        raise ValueError(f"object_name: expected a non-empty string, got {object_name!r}")
-    return object_name.strip()
+    return check_text("object_name", object_name)
 
 
 def _check_images(images: Any) -> List[PILImage.Image]:
@@ -168,12 +168,7 @@ def _check_images(images: Any) -> List[PILImage.Image]:
 
     if isinstance(images, Image.Image):
         return [images]
-    if isinstance(images, (str, bytes)):
-        raise ValueError(f"images: expected a sequence of PIL images, got {images!r}")
-    try:
-        items = list(images)
-    except TypeError:
-        raise ValueError(f"images: expected a sequence of PIL images, got {images!r}") from None
+    items = check_sequence("images", images, "PIL images")
     for i, im in enumerate(items):
         if not isinstance(im, Image.Image):
             raise ValueError(f"images[{i}]: expected a PIL image, got {type(im).__name__}")

@@ -17,6 +17,7 @@ from ..common.checks import (
     check_float,
     check_int,
     check_seeds,
+    check_sequence,
     check_text,
 )
 from ..core.views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_index, view_weights
@@ -51,12 +52,7 @@ def check_extras(extra_prompts: Any) -> List[str]:
             f"extra_prompts: expected a sequence of strings, got the single string "
             f"{extra_prompts!r} (wrap it in a list)"
         )
-    try:
-        items = list(extra_prompts)
-    except TypeError:
-        raise ValueError(
-            f"extra_prompts: expected a sequence of strings, got {extra_prompts!r}"
-        ) from None
+    items = check_sequence("extra_prompts", extra_prompts, "strings")
     return [check_text(f"extra_prompts[{i}] (prompt)", p) for i, p in enumerate(items)]
 
 
@@ -64,12 +60,7 @@ def check_weights(weights: Any, n_extras: int) -> List[float]:
     """``[main, *extras]`` weights; ``None`` gives main 1.0 and each extra −1.0."""
     if weights is None:
         return [1.0] + [-1.0] * n_extras
-    if isinstance(weights, (str, bytes)):
-        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}")
-    try:
-        items = list(weights)
-    except TypeError:
-        raise ValueError(f"weights: expected a sequence of numbers, got {weights!r}") from None
+    items = check_sequence("weights", weights, "numbers")
     if len(items) != 1 + n_extras:
         raise ValueError(
             f"weights: expected {1 + n_extras} values (the main prompt's weight, then one per "
@@ -174,9 +165,7 @@ def check_view_request(
 
 def check_azimuths(azimuths: Any) -> List[Any]:
     """A non-empty sequence of azimuths in [−180, 360] degrees (returned as given)."""
-    if isinstance(azimuths, (str, bytes)):
-        raise ValueError(f"azimuths: expected a sequence of degrees, got {azimuths!r}")
-    az_list = list(azimuths)
+    az_list = check_sequence("azimuths", azimuths, "degrees")
     if not az_list:
         raise ValueError("azimuths: expected at least one azimuth, got an empty sequence")
     for i, a in enumerate(az_list):

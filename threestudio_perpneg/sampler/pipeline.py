@@ -447,25 +447,9 @@ class PerpNegSampler:
         return strip([r.images[0] for r in results], labels), results
 
     # ------------------------------------------------------------------ the loop
-    def _check_sampling(
-        self,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        seeds: Sequence[int] = (0,),
-        eta: float = 0.0,
-    ) -> Dict[str, Any]:
-        return check_sampling(
-            self.default_size(),
-            self.vae_scale_factor,
-            num_inference_steps,
-            guidance_scale,
-            height,
-            width,
-            seeds,
-            eta,
-        )
+    def _check_sampling(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """:func:`~.checks.check_sampling` at this UNet's default size and VAE factor."""
+        return check_sampling(self.default_size(), self.vae_scale_factor, *args, **kwargs)
 
     @torch.no_grad()
     def _sample(

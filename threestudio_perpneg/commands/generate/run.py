@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...common.io import save_image_atomic, to_jsonable
-from ..common import TINY_SEED, build_tiny, first_line, run_command, tiny_path, versions, write_json
+from ..common import (
+    TINY_SEED,
+    build_tiny,
+    first_line,
+    parse_and_run,
+    tiny_path,
+    versions,
+    write_json,
+)
 from .args import (
     FORMAT,
     GRID_NAME,
@@ -386,14 +394,7 @@ def _default_prog() -> str:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Console entry point (``perpneg-2d`` and ``threestudio-perpneg generate``); the exit code."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog or _default_prog())
-    try:
-        ns = parser.parse_args(args_list)
-    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    ns._argv = args_list
-    return run_command(parser.prog, lambda: run_generate(ns), GenerateError)
+    return parse_and_run(build_parser(prog or _default_prog()), argv, run_generate, GenerateError)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from ...commands.common import (
     device_arg,
     finite_float,
     first_line,
+    parse_and_run,
     positive_int,
-    run_command,
 )
 from ...common.checks import check_names, check_seeds
 from .protocol import DEFAULT_MODES, DEFAULT_VIEWS, check_prompts, run_eval2d
@@ -461,14 +461,7 @@ def _summary(out: Path, report: Dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Console entry point (``threestudio-perpneg eval2d``); returns the exit code."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
-    try:
-        ns = parser.parse_args(args_list)
-    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    ns._argv = args_list
-    return run_command(parser.prog, lambda: run_cli(ns), Eval2DError)
+    return parse_and_run(build_parser(prog), argv, run_cli, Eval2DError)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ class TrialFrames:
     camera: Dict[str, Any] = field(default_factory=dict)
 
 
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> Optional[str]:
+    return str(value) if value is not None else None
+
+
 def _images_in(folder: Path) -> List[Path]:
     return sorted(
         p
@@ -213,8 +221,8 @@ def _load_threestudio(folder: Path, iteration: Optional[int]) -> TrialFrames:
         frames=frames,
         name=f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name,
         object_name=str(prompt) if prompt else None,
-        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        experiment=str(experiment) if experiment is not None else None,
+        seed=_int_or_none(seed),
+        experiment=_str_or_none(experiment),
         iteration=iteration,
         camera=camera,
     )
@@ -306,8 +314,8 @@ def _load_manifest(manifest: Path) -> TrialFrames:
         frames=frames,
         name=base.name or str(base),
         object_name=str(obj) if obj else None,
-        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        experiment=str(experiment) if experiment is not None else None,
+        seed=_int_or_none(seed),
+        experiment=_str_or_none(experiment),
         camera={"manifest": str(manifest), "elevation_default": 0.0},
     )
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 __all__ = [
     "atomic_write",
+    "read_json",
     "save_image_atomic",
     "to_jsonable",
     "write_bytes_atomic",
@@ -85,6 +86,23 @@ def write_json_atomic(
 def save_image_atomic(path: PathLike, image: Any, format: str = "PNG", **options: Any) -> None:
     """A PIL image (or anything with ``save(path, format=...)``) saved atomically."""
     atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
+
+
+def read_json(path: PathLike) -> Any:
+    """The JSON content of a file.
+
+    Raises:
+        `FileNotFoundError`: ``'<path>' is not a file``.
+        `ValueError`: ``'<path>' is not readable JSON: <reason>``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ValueError(f"{str(path)!r} is not readable JSON: {reason}") from None
 
 
 def to_jsonable(value: Any, *, nonfinite: str = "null") -> Any:

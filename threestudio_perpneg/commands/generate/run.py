@@ -4,13 +4,12 @@ outputs and the sidecar; :func:`main` is the command (and the ``perpneg-2d`` con
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ...common.io import save_image_atomic, to_jsonable
+from ...common.io import read_json, save_image_atomic, to_jsonable
 from ..common import (
     TINY_SEED,
     build_tiny,
@@ -267,13 +266,12 @@ def _summary(out: Path, sidecar: Dict[str, Any], tiny: bool) -> None:
 
 
 def _load_sidecar(path: str) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        fail("--replay", f"{path!r} is not a file (expected a {SIDECAR_NAME} sidecar)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        fail("--replay", f"{path!r} is not readable JSON: {first_line(err)}")
+        data = read_json(path)
+    except FileNotFoundError as err:
+        fail("--replay", f"{err} (expected a {SIDECAR_NAME} sidecar)")
+    except ValueError as err:
+        fail("--replay", str(err))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         fail("--replay", f"{path!r} is not a {SIDECAR_NAME} sidecar (format {FORMAT})")
     return data

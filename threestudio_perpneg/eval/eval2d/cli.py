@@ -4,7 +4,6 @@ the tiny random models), :func:`~.protocol.run_eval2d` and the one-line summary.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from ...commands.common import (
     positive_int,
 )
 from ...common.checks import check_names, check_seeds
+from ...common.io import read_json
 from .protocol import DEFAULT_MODES, DEFAULT_VIEWS, check_prompts, run_eval2d
 from .report import ALL, CSV_NAME, IMAGES_DIR, JSON_NAME, MD_NAME, PNG_NAME, _pct
 
@@ -281,13 +281,10 @@ def _read_prompts(args: argparse.Namespace) -> List[str]:
 def _read_templates(value: Optional[str]) -> Optional[Dict[str, Any]]:
     if value is None:
         return None
-    path = Path(value).expanduser()
-    if not path.is_file():
-        _fail("--templates", f"{value!r} is not a file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        _fail("--templates", f"{value!r} is not readable JSON: {str(err).splitlines()[0]}")
+        data = read_json(value)
+    except (FileNotFoundError, ValueError) as err:
+        _fail("--templates", str(err))
     from ..classifier import check_templates
 
     try:

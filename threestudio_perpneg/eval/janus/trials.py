@@ -83,12 +83,13 @@ class TrialFrames:
     camera: Dict[str, Any] = field(default_factory=dict)
 
 
-def _int_or_none(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _str_or_none(value: Any) -> Optional[str]:
-    return str(value) if value is not None else None
+def _recorded(obj: Any, seed: Any, experiment: Any) -> Dict[str, Any]:
+    """The object name, seed and experiment a trial records (None where absent or malformed)."""
+    return {
+        "object_name": str(obj) if obj else None,
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        "experiment": str(experiment) if experiment is not None else None,
+    }
 
 
 def _images_in(folder: Path) -> List[Path]:
@@ -213,16 +214,12 @@ def _load_threestudio(folder: Path, iteration: Optional[int]) -> TrialFrames:
     camera["first_panel_width"] = crop or None
 
     prompt = ((cfg.get("system") or {}).get("prompt_processor") or {}).get("prompt")
-    seed = cfg.get("seed")
-    experiment = cfg.get("name")
     return TrialFrames(
         source=folder,
         kind="threestudio",
         frames=frames,
         name=f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name,
-        object_name=str(prompt) if prompt else None,
-        seed=_int_or_none(seed),
-        experiment=_str_or_none(experiment),
+        **_recorded(prompt, cfg.get("seed"), cfg.get("name")),
         iteration=iteration,
         camera=camera,
     )
@@ -305,17 +302,12 @@ def _load_manifest(manifest: Path) -> TrialFrames:
         raise ValueError(
             f"manifest {manifest}: {len(unlisted)} image(s) without manifest entries: {shown}"
         )
-    seed = meta.get("seed")
-    obj = meta.get("object")
-    experiment = meta.get("experiment")
     return TrialFrames(
         source=base,
         kind="manifest",
         frames=frames,
         name=base.name or str(base),
-        object_name=str(obj) if obj else None,
-        seed=_int_or_none(seed),
-        experiment=_str_or_none(experiment),
+        **_recorded(meta.get("object"), meta.get("seed"), meta.get("experiment")),
         camera={"manifest": str(manifest), "elevation_default": 0.0},
     )
 

@@ -285,6 +285,14 @@ def _load_schemes(raw: Dict[str, Any], methods: Sequence[str]) -> List[SchemeSet
     return out
 
 
+def _folder(key: str, value: Any, base: Path) -> Path:
+    """A folder path (``~`` expanded, relative to ``base``)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SweepError(f"{key}: expected a folder path, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def _original_cwd() -> Path:
     """The directory the command was started in (Hydra's runtime.cwd when Hydra runs us)."""
     if "hydra" in sys.modules:
@@ -311,21 +319,9 @@ def load_settings(cfg: Any, *, base: Optional[Path] = None) -> Settings:
     job = dict(job)
 
     sweep_name = _check_name("sweep_name", raw.get("sweep_name"))
-    out_dir_raw = raw.get("out_dir")
-    if not isinstance(out_dir_raw, str) or not out_dir_raw.strip():
-        raise SweepError(f"out_dir: expected a folder path, got {out_dir_raw!r}")
-    out_dir = Path(out_dir_raw).expanduser()
-    if not out_dir.is_absolute():
-        out_dir = base / out_dir
-
+    out_dir = _folder("out_dir", raw.get("out_dir"), base)
     root_raw = raw.get("threestudio_root")
-    root: Optional[Path] = None
-    if root_raw is not None:
-        if not isinstance(root_raw, str) or not root_raw.strip():
-            raise SweepError(f"threestudio_root: expected a folder path, got {root_raw!r}")
-        root = Path(root_raw).expanduser()
-        if not root.is_absolute():
-            root = base / root
+    root = None if root_raw is None else _folder("threestudio_root", root_raw, base)
 
     methods_raw = raw.get("methods")
     if isinstance(methods_raw, str):

@@ -514,3 +514,14 @@ def test_package_import_is_light() -> None:
         "assert 'matplotlib' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-a-file", "out-inside-a-file"])
+def test_out_that_is_or_is_inside_a_file_exits_2(
+    inside: bool, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    out = blocker / "out" if inside else blocker
+    err = _error(["--prompts", "a corgi", "--out", str(out)], capsys)
+    assert "argument --out:" in err and "is a file" in err

@@ -806,3 +806,28 @@ def test_end_to_end_tiny_clip(tmp_path, capsys):
         sum(f["predicted"] == f["camera_bucket"] for f in scored) / len(scored)
     )
     assert report.frames == doc["objects"][0]["frames"]  # same model, same numbers
+
+
+def test_cli_out_inside_a_file_exits_2_before_loading(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    trial = make_trial(tmp_path / "t", n=4)
+    assert janus.main([str(trial), "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "is a file" in err, err
+
+
+def test_cli_help_shows_every_default():
+    parser = janus.build_parser()
+    missing = [
+        a.option_strings[0]
+        for a in parser._actions
+        if a.option_strings
+        and a.dest != "help"
+        and not a.required
+        and "default" not in (a.help or "")
+    ]
+    assert not missing, missing
+    text = " ".join(parser.format_help().split())
+    for shown in ("(default: 45.0)", "(default: 60.0)", "(default: 0.95)", "(default: 10000)"):
+        assert shown in text

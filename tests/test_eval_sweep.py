@@ -649,3 +649,14 @@ def test_threestudio_reads_the_commands_as_planned(tmp_path: Path, prompt: str) 
         assert cfg.system.guidance.use_perp_neg is (job.method == "perpneg")
         if job.method == "perpneg":
             assert cfg.system.prompt_processor.perp_neg_scheme == "authors"
+
+
+def test_out_dir_inside_a_file_exits_2(
+    tmp_path: Path, no_subprocess: None, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    argv = [f"out_dir={blocker / 'sweep'}", "seeds=[0]", "prompts.list=[a corgi]", "dry_run=true"]
+    assert app.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "out_dir:" in err and "is a file" in err and "Traceback" not in err, err

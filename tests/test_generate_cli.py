@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from PIL import Image
 
 from threestudio_perpneg import __main__ as package_main
 from threestudio_perpneg.commands.generate import (
@@ -261,6 +263,44 @@ def test_default_tiny_model_via_package_main(tmp_path: Path, capsys: Any) -> Non
     result = _load(out)
     assert result["settings"]["random_model"] is True
     assert (out / IMAGES_DIR / "perpneg_seed0.png").is_file()
+
+
+def test_tiny_model_runs_small_and_few_steps_unless_told(
+    tiny_sd_path: Path, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(tiny_sd_path, out / "tiny-sd")  # reused as the tiny model: no build here
+    assert main(["a corgi", "--out", str(out), "--seeds", "0", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--steps 4 --height 64 --width 64" in err, err  # says what it chose
+    s = _load(out)["settings"]
+    assert (s["steps"], s["height"], s["width"]) == (4, 64, 64)
+    with Image.open(out / IMAGES_DIR / "perpneg_seed0.png") as im:
+        assert im.size == (64, 64)
+    # told otherwise: the given values win and nothing is said about them
+    out2 = tmp_path / "out2"
+    shutil.copytree(tiny_sd_path, out2 / "tiny-sd")
+    argv = ["a corgi", "--out", str(out2), "--seeds", "0", "--steps", "2", "--no-progress"]
+    assert main([*argv, "--height", "32", "--width", "48"]) == 0
+    assert "--steps" not in capsys.readouterr().err
+    s = _load(out2)["settings"]
+    assert (s["steps"], s["height"], s["width"]) == (2, 32, 48)
+
+
+def test_help_shows_the_step_defaults() -> None:
+    text = build_parser("perpneg-2d").format_help()
+    assert "default: 50; 4 with the tiny random model" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-a-file", "out-inside-a-file"])
+def test_out_that_is_or_is_inside_a_file_exits_2(inside: bool, tmp_path: Path, capsys: Any) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    out = blocker / "out" if inside else blocker
+    assert main(["a corgi", "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --out:" in err and "is a file" in err, err
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -21,6 +21,10 @@ from ..common import io as _io
 TINY_DIR = "tiny-sd"
 #: Seed of the tiny random checkpoint (independent of ``--seed`` so one build serves every run).
 TINY_SEED = 0
+#: Image size (pixels) and denoising steps with the tiny random checkpoint unless told otherwise:
+#: its images are noise, so the default 512 px x 50 steps would spend a minute on nothing.
+TINY_SIZE = 64
+TINY_STEPS = 4
 
 
 # ------------------------------------------------------------------------------ error exit

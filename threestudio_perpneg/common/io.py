@@ -13,10 +13,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Type, Union
 
 __all__ = [
     "atomic_write",
+    "output_folder",
     "read_json",
     "save_image_atomic",
     "to_jsonable",
@@ -86,6 +87,31 @@ def write_json_atomic(
 def save_image_atomic(path: PathLike, image: Any, format: str = "PNG", **options: Any) -> None:
     """A PIL image (or anything with ``save(path, format=...)``) saved atomically."""
     atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
+
+
+def output_folder(
+    key: str, path: PathLike, *, create: bool = True, error: Type[Exception] = ValueError
+) -> Path:
+    """An output folder (``~`` expanded), created unless ``create=False``.
+
+    Raises ``error`` with one line naming ``key`` when the path, or one of its parents, is a file,
+    or when the folder cannot be created (permissions, read-only file system).
+    """
+    p = Path(path).expanduser()
+    for ancestor in (p, *p.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                where = "" if ancestor == p else f" (a parent of {str(p)!r})"
+                raise error(f"{key}: {str(ancestor)!r} is a file, not a folder{where}")
+            break
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise error(
+                f"{key}: cannot create the folder {str(p)!r}: {err.strerror or err}"
+            ) from None
+    return p
 
 
 def read_json(path: PathLike) -> Any:

@@ -9,6 +9,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ...common.checks import check_names
 from ..common import (
+    TINY_SIZE,
+    TINY_STEPS,
     OneLineParser,
     UsageError,
     device_arg,
@@ -36,6 +38,8 @@ LABEL_HEIGHT = 18
 GAP = 2
 #: Width of one character of Pillow's default bitmap font (for the row-label band).
 CHAR_WIDTH = 6
+#: Denoising steps with a real --model unless --steps is given.
+DEFAULT_STEPS = 50
 TINY_NOTE = (
     "NOTE: no --model given: using a tiny RANDOM Stable Diffusion checkpoint ({path}); the images "
     "are noise from a random model, not pictures. Pass --model stabilityai/stable-diffusion-2-1-base "
@@ -324,8 +328,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     m.add_argument(
         "--steps",
         type=positive_int,
-        default=50,
-        help="denoising steps (default: %(default)s)",
+        default=None,
+        help=f"denoising steps (default: {DEFAULT_STEPS}; {TINY_STEPS} with the tiny random model)",
     )
     m.add_argument(
         "--guidance-scale",
@@ -335,8 +339,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="guidance scale s, ε̂ = ε_u + s·(…) (diffusers / paper; default: %(default)s)",
     )
     m.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (default: %(default)s)")
-    m.add_argument("--height", type=_size_arg, default=None, help="pixels (default: the model's)")
-    m.add_argument("--width", type=_size_arg, default=None, help="pixels (default: the model's)")
+    m.add_argument(
+        "--height",
+        type=_size_arg,
+        default=None,
+        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
+    )
+    m.add_argument(
+        "--width",
+        type=_size_arg,
+        default=None,
+        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
+    )
     m.add_argument(
         "--device",
         type=_device_arg,

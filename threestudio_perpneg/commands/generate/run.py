@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ...common.io import read_json, save_image_atomic, to_jsonable
+from ...common.io import output_folder, read_json, save_image_atomic, to_jsonable
 from ..common import (
     TINY_SEED,
+    TINY_SIZE,
+    TINY_STEPS,
     build_tiny,
     first_line,
     parse_and_run,
@@ -20,6 +22,7 @@ from ..common import (
     write_json,
 )
 from .args import (
+    DEFAULT_STEPS,
     FORMAT,
     GRID_NAME,
     IMAGES_DIR,
@@ -183,20 +186,52 @@ def _batch_dicts(plan: Plan) -> List[Dict[str, Any]]:
     ]
 
 
+def _out_folder(path: Any, create: bool = True) -> Path:
+    """``--out`` checked (not a file, nor inside one) and, with ``create``, made."""
+    try:
+        return output_folder("--out", path, create=create)
+    except ValueError as err:
+        fail("--out", str(err).split(": ", 1)[1])
+
+
+def _apply_step_and_size_defaults(args: argparse.Namespace) -> Optional[str]:
+    """``--steps`` / ``--height`` / ``--width`` not given: 50 steps at the model's size, or with
+    the tiny random model (no ``--model``) its small size and few steps; returns the note that
+    says so (None when nothing was chosen for the user)."""
+    if args.model is not None:
+        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        return None
+    chosen = []
+    if args.steps is None:
+        args.steps = TINY_STEPS
+        chosen.append(f"--steps {TINY_STEPS}")
+    for key in ("height", "width"):
+        if getattr(args, key) is None:
+            setattr(args, key, TINY_SIZE)
+            chosen.append(f"--{key} {TINY_SIZE}")
+    if not chosen:
+        return None
+    return (
+        f"no --model: the tiny random model runs with {' '.join(chosen)} (its images are noise; "
+        "pass these options to change them)"
+    )
+
+
 def _generate(args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
+    defaults_note = _apply_step_and_size_defaults(args)
     plan = make_plan(args)
     device, dtype = _resolve_device(args.device, bool(args.fp16))
-    out = Path(args.out or "perpneg_out")
-    if out.exists() and not out.is_dir():
-        fail("--out", f"{str(out)!r} exists and is not a folder")
+    out = _out_folder(args.out or "perpneg_out", create=False)
     if args.model is not None:
         _prepare_model(args.model, out)  # a missing --model folder fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    _out_folder(out)
     model, source = _prepare_model(args.model, out)
     tiny = source.startswith("tiny")
     if tiny:
         print(TINY_NOTE.format(path=model), file=sys.stderr)
+    if defaults_note:
+        print(defaults_note, file=sys.stderr)
     try:
         sampler = _load_sampler(model, args.scheduler, dtype, device)
     except GenerateError:
@@ -295,8 +330,7 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
             fail("--replay-image", f"no image {only!r} in {args.replay} (e.g. {names})")
         chosen = [int(hits[0]["batch"])]
 
-    out = Path(args.out) if args.out else src_dir / "replay"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_folder(args.out if args.out else src_dir / "replay")
     fp16 = settings.get("dtype") == "float16"
     device, dtype = _resolve_device(args.device or settings.get("device"), fp16)
     model = args.model

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 from ...commands.common import (
     TINY_DIR,
     TINY_SEED,
+    TINY_SIZE,
     OneLineParser,
     UsageError,
     device_arg,
@@ -21,7 +22,7 @@ from ...commands.common import (
     positive_int,
 )
 from ...common.checks import check_names, check_seeds
-from ...common.io import read_json
+from ...common.io import output_folder, read_json
 from .protocol import DEFAULT_MODES, DEFAULT_VIEWS, check_prompts, run_eval2d
 from .report import ALL, CSV_NAME, IMAGES_DIR, JSON_NAME, MD_NAME, PNG_NAME, _pct
 
@@ -30,8 +31,6 @@ __all__ = ["PROG", "Eval2DError", "build_parser", "main", "run_cli"]
 PROG = "threestudio-perpneg eval2d"
 TINY_SD_DIR = TINY_DIR
 TINY_CLIP_DIR = "tiny-clip"
-#: Image size used with the tiny random Stable Diffusion when --height/--width are not given.
-TINY_SIZE = 64
 TINY_NOTE = (
     "NOTE: no {what} given: using a tiny RANDOM {kind} ({path}). The success rates are "
     "MEANINGLESS (random generator and/or random classifier); they only show that the pipeline "
@@ -347,9 +346,10 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
     device = _resolve_device(args.device)
     if args.fp16 and device == "cpu":
         _fail("--fp16", "half precision needs a GPU (--device cuda)")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        _fail("--out", f"{str(out)!r} exists and is not a folder")
+    try:
+        out = output_folder("--out", args.out, create=False)
+    except ValueError as err:
+        _fail("--out", str(err).split(": ", 1)[1])
 
     import torch
 
@@ -376,7 +376,10 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
         _library_error(err, "--model")
     except ImportError as err:
         _fail("--clip-backend", str(err))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        output_folder("--out", out)
+    except ValueError as err:
+        _fail("--out", str(err).split(": ", 1)[1])
     model_name, clip_name = args.model, args.clip
     height, width = args.height, args.width
     if sampler is None:

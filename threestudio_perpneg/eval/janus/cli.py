@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from ...common.checks import check_float, check_int
+from ...common.io import output_folder
 from .flags import JanusConfig
 from .metrics import aggregate, evaluate_object
 from .report import write_reports
@@ -39,7 +40,7 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
         help="threestudio trial folder (configs/parsed.yaml + save/it*-test/), image folder "
         "with manifest.csv/manifest.json (file, azimuth[, elevation]), or a manifest file",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (required; created)")
     p.add_argument(
         "--clip",
         metavar="MODEL",
@@ -49,7 +50,7 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
         "--backend",
         choices=("transformers", "open_clip"),
         default="transformers",
-        help="CLIP implementation (default transformers)",
+        help="CLIP implementation (default: %(default)s)",
     )
     p.add_argument(
         "--object",
@@ -60,46 +61,77 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
     p.add_argument(
         "--iteration", type=int, help="use save/it<N>-test/ (default: the latest iteration)"
     )
-    p.add_argument("--device", default="cpu", help="torch device of the classifier (default cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per classifier call")
+    p.add_argument(
+        "--device", default="cpu", help="torch device of the classifier (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per classifier call (default: %(default)s)",
+    )
     g = p.add_argument_group("thresholds (reported in the output)")
-    g.add_argument("--front-threshold", type=float, default=45.0, help="front camera: |az| < T")
-    g.add_argument("--back-threshold", type=float, default=45.0, help="back camera: |az| > 180-T")
     g.add_argument(
-        "--overhead-threshold", type=float, default=60.0, help="overhead camera: elevation > T"
+        "--front-threshold",
+        type=float,
+        default=45.0,
+        help="front camera: |az| < T degrees (default: %(default)s)",
+    )
+    g.add_argument(
+        "--back-threshold",
+        type=float,
+        default=45.0,
+        help="back camera: |az| > 180-T degrees (default: %(default)s)",
+    )
+    g.add_argument(
+        "--overhead-threshold",
+        type=float,
+        default=60.0,
+        help="overhead camera: elevation > T degrees (default: %(default)s)",
     )
     g.add_argument(
         "--include-overhead",
         action="store_true",
-        help="score 'overhead' as a view (default: predictions among front/side/back only and "
-        "overhead cameras excluded from the accuracy)",
+        help="score 'overhead' as a view (default: off: predictions among front/side/back only "
+        "and overhead cameras excluded from the accuracy)",
     )
     g.add_argument(
         "--back-front-min",
         type=int,
         default=1,
-        help="front predictions at back cameras that flag Janus (default 1)",
+        help="front predictions at back cameras that flag Janus (default: %(default)s)",
     )
     g.add_argument(
         "--min-segment",
         type=int,
         default=1,
-        help="frames a run of front predictions needs to count as a segment (default 1)",
+        help="frames a run of front predictions needs to count as a segment (default: %(default)s)",
     )
     g.add_argument(
         "--score-margin",
         type=float,
         default=0.0,
-        help="front must beat the next label's score by this much to count for Janus (default 0)",
+        help="front must beat the next label's score by this much to count for Janus "
+        "(default: %(default)s)",
     )
     a = p.add_argument_group("aggregation")
-    a.add_argument("--confidence", type=float, default=0.95, help="CI level (default 0.95)")
-    a.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples")
-    a.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    a.add_argument("--confidence", type=float, default=0.95, help="CI level (default: %(default)s)")
+    a.add_argument(
+        "--bootstrap", type=int, default=10000, help="bootstrap resamples (default: %(default)s)"
+    )
+    a.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     o = p.add_argument_group("output")
-    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--thumbnails", type=int, default=8, help="thumbnails per plot (default 8)")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument(
+        "--no-plots", action="store_true", help="skip the PNG plots (default: off: plots drawn)"
+    )
+    o.add_argument(
+        "--thumbnails", type=int, default=8, help="thumbnails per plot (default: %(default)s)"
+    )
+    o.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (default: off: progress bars on stderr)",
+    )
     return p
 
 
@@ -134,14 +166,14 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
     check_int("thumbnails", ns.thumbnails, 0)
     check_float("confidence", ns.confidence, 0.5, 0.9999)
     check_int("bootstrap", ns.bootstrap, 1)
+    output_folder("--out", ns.out, create=False)  # before the (slow) loading
     trials = [load_trial(p, iteration=ns.iteration) for p in ns.inputs]
     for t in trials:
         if ns.object is None and not t.object_name:
             raise ValueError(
                 f'object: {t.source} records no prompt/object name; pass --object "a corgi"'
             )
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder("--out", ns.out)
     classifier, info = _build_classifier(ns, out)
     if info.get("tiny_random"):
         print(f"eval3d: warning: {TINY_CLIP_NOTE}", file=sys.stderr)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from ...common.io import output_folder
 from .gpus import gpu_for_slot
 from .plan import Job, plan_jobs, shard_of
 from .report import write_report
@@ -114,6 +115,19 @@ def _task(cfg: Any) -> Optional[Dict[str, Any]]:
     return summary
 
 
+def _out_dir_problem(overrides: Sequence[str]) -> Optional[str]:
+    """Why the ``out_dir`` of the command line (default ``sweeps/...``) cannot be a folder (it or
+    a parent is a file), or None. Interpolations (``${...}``) are checked up to their start."""
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("out_dir=")]
+    path = given[-1] if given else "sweeps"
+    path = path.split("${", 1)[0] or "."
+    try:
+        output_folder("out_dir", path, create=False, error=SweepError)
+    except SweepError as err:
+        return str(err)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Hydra entry point: ``python -m threestudio_perpneg.eval.sweep [overrides] [-m]``.
 
@@ -129,11 +143,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             file=sys.stderr,
         )
         return 2
+    saved = sys.argv
+    args = list(saved[1:] if argv is None else argv)
+    problem = _out_dir_problem(args)
+    if problem:  # Hydra would create <out_dir>/hydra/... first and fail with a traceback
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     # An absolute config_path: Hydra reads conf/ as files (a module path would need conf/ to be
     # an importable package).
     entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task)
-    saved = sys.argv
-    args = list(saved[1:] if argv is None else argv)
     sys.argv = [prog or (saved[0] if saved else PROG), *args]
     try:
         entry()

@@ -18,6 +18,7 @@ from ...common.checks import (
     parse_seed_text,
     slug,
 )
+from ...common.io import output_folder
 
 __all__ = [
     "BUILTIN_SCHEMES",
@@ -320,6 +321,7 @@ def load_settings(cfg: Any, *, base: Optional[Path] = None) -> Settings:
 
     sweep_name = _check_name("sweep_name", raw.get("sweep_name"))
     out_dir = _folder("out_dir", raw.get("out_dir"), base)
+    output_folder("out_dir", out_dir, create=False, error=SweepError)  # not a file, nor in one
     root_raw = raw.get("threestudio_root")
     root = None if root_raw is None else _folder("threestudio_root", root_raw, base)
 

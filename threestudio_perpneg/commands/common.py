@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple, Type, Union
 
 from ..common import io as _io
 
@@ -122,6 +122,25 @@ def finite_float(value: str, what: str = "a number") -> float:
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
     return x
+
+
+def size_arg(value: str) -> int:
+    """Image height / width in pixels: a positive multiple of 8."""
+    n = positive_int(value)
+    if n % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 pixels, got {value!r}")
+    return n
+
+
+def add_size_arguments(group: Any) -> None:
+    """``--height`` / ``--width`` (default: the model's; :data:`TINY_SIZE` with the tiny model)."""
+    for flag in ("--height", "--width"):
+        group.add_argument(
+            flag,
+            type=size_arg,
+            default=None,
+            help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
+        )
 
 
 def device_arg(value: str, *, auto: bool = False, mps: bool = False) -> str:

@@ -9,10 +9,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ...common.checks import check_names
 from ..common import (
-    TINY_SIZE,
     TINY_STEPS,
     OneLineParser,
     UsageError,
+    add_size_arguments,
     device_arg,
     finite_float,
     positive_int,
@@ -150,13 +150,6 @@ def _modes_arg(value: str) -> List[str]:
     from ...sampler.pipeline import MODES
 
     return _names_type(tuple(MODES), "mode")(value)
-
-
-def _size_arg(value: str) -> int:
-    n = positive_int(value)
-    if n % 8:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 8 pixels, got {value!r}")
-    return n
 
 
 def _non_negative(value: str) -> float:
@@ -339,18 +332,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="guidance scale s, ε̂ = ε_u + s·(…) (diffusers / paper; default: %(default)s)",
     )
     m.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (default: %(default)s)")
-    m.add_argument(
-        "--height",
-        type=_size_arg,
-        default=None,
-        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
-    )
-    m.add_argument(
-        "--width",
-        type=_size_arg,
-        default=None,
-        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
-    )
+    add_size_arguments(m)
     m.add_argument(
         "--device",
         type=_device_arg,

@@ -15,6 +15,7 @@ from ...commands.common import (
     TINY_SIZE,
     OneLineParser,
     UsageError,
+    add_size_arguments,
     device_arg,
     finite_float,
     first_line,
@@ -56,13 +57,6 @@ def _names_arg(allowed: Sequence[str]) -> Callable[[str], List[str]]:
             raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
     return parse
-
-
-def _size_arg(value: str) -> int:
-    n = positive_int(value)
-    if n % 8:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 8 pixels, got {value!r}")
-    return n
 
 
 def _device_arg(value: str) -> str:
@@ -150,18 +144,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         metavar="S",
         help="ε̂ = ε_u + s·(…) (default: %(default)s)",
     )
-    m.add_argument(
-        "--height",
-        type=_size_arg,
-        default=None,
-        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
-    )
-    m.add_argument(
-        "--width",
-        type=_size_arg,
-        default=None,
-        help=f"pixels (default: the model's; {TINY_SIZE} with the tiny random model)",
-    )
+    add_size_arguments(m)
     m.add_argument(
         "--scheme",
         choices=sorted(SCHEMES),

@@ -175,3 +175,39 @@ def build_tiny(path: Union[str, Path], *, announce: bool = True) -> str:
     if announce:
         print(f"building a tiny random Stable Diffusion checkpoint in {path} ...", file=sys.stderr)
     return str(build_tiny_stable_diffusion(path, seed=TINY_SEED, overwrite=True))
+
+
+# ------------------------------------------------------------------------------- output paths
+def output_folder(path: Union[str, Path], arg: str = "--out") -> Path:
+    """``path`` as a folder to write into, created (with its parents) when missing.
+
+    Raises ``ValueError`` with one line naming ``arg`` and the path when it is an existing file,
+    when one of its parents is a file, or when it cannot be created.
+    """
+    out = Path(path)
+    shown = repr(str(path))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{arg} {shown}: expected a folder, but it is an existing file")
+    for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"{arg} {shown}: expected a folder path, but {str(parent)!r} is a file"
+                )
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"{arg} {shown}: cannot create the folder ({err.strerror or first_line(err)})"
+        ) from None
+    return out
+
+
+def output_file_slots(folder: Path, names: Tuple[str, ...], arg: str = "--out") -> None:
+    """``ValueError`` (one line) when one of the files ``folder/name`` to be written is a folder."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise ValueError(
+                f"{arg} {str(folder)!r}: cannot write {name}: {str(folder / name)!r} is a folder"
+            )

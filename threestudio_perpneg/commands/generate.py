@@ -427,6 +427,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="with --replay: only this image (its file name, with or without .png)",
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .quiet import add_verbose_argument  # issue 9: quiet by default (commands/quiet.py)
+
+    add_verbose_argument(o)
     return p
 
 

@@ -291,6 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="overwrite target files whose content differs"
     )
+    from .quiet import add_verbose_argument  # issue 9: quiet by default (commands/quiet.py)
+
+    add_verbose_argument(parser)
     return parser
 
 

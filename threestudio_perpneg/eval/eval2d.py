@@ -849,6 +849,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--out", default="eval2d_out", metavar="DIR", help="output folder (default: %(default)s)"
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..commands.quiet import add_verbose_argument  # issue 9: quiet by default
+
+    add_verbose_argument(o)
     return p
 
 

@@ -1256,6 +1256,9 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--thumbnails", type=int, default=8, help="thumbnails per plot (default 8)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from ..commands.quiet import add_verbose_argument  # issue 9: quiet by default
+
+    add_verbose_argument(o)
     return p
 
 

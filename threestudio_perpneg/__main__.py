@@ -48,10 +48,11 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser (its ``--help`` lists the subcommands)."""
     from . import __version__
+    from .commands.common import OneLineArgumentParser
     from .commands.quiet import VERBOSE_HELP
     from .commands.smoke import add_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG,
         description="Perp-Neg guidance (arXiv 2304.04968) for threestudio.",
     )

@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple, Type, Union
+from typing import Any, Callable, Dict, NoReturn, Tuple, Type, Union
 
 #: Folder of the tiny random checkpoint under ``--out`` when no ``--model`` is given.
 TINY_DIR = "tiny-sd"
@@ -55,6 +55,16 @@ def run_command(
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``PROG: error: argument --x: ...``.
+
+    Subparsers made with ``add_subparsers().add_parser`` are of the same class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def first_line(err: BaseException) -> str:

@@ -276,7 +276,9 @@ def link_into(
 
 # -------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .common import OneLineArgumentParser  # one-line usage errors, as every command
+
+    parser = OneLineArgumentParser(
         prog="threestudio-perpneg link",
         description=(
             "Install the Perp-Neg plugin into a threestudio checkout: write "

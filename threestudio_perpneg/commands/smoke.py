@@ -135,7 +135,7 @@ def _prepare_model(
             return resolved, "--model", _load_models(resolved, device, dtype, prompts, cache)
         except (OSError, ValueError) as err:
             msg = first_line(err).replace("pretrained_model_name_or_path: ", "", 1)
-            raise SmokeError(f"--model {ns.model!r}: {msg}") from err
+            raise SmokeError(f"--model {ns.model!r}: {msg}", 2) from err
 
     tiny = tiny_path(out)  # one cache key whether built or reused
     if tiny.exists() and not tiny.is_dir():

@@ -14,7 +14,14 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..core.views import SCHEMES
 from ..engines.sd import SCALE_CONVENTIONS
-from .common import CommandError, device_arg, finite_float, positive_int, split_text_weight
+from .common import (
+    CommandError,
+    OneLineArgumentParser,
+    device_arg,
+    finite_float,
+    positive_int,
+    split_text_weight,
+)
 from .quiet import add_verbose_argument
 
 __all__ = ["AZIMUTH_RANGE", "SmokeError", "add_arguments", "build_parser", "resolve_args"]
@@ -163,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The smoke command's stand-alone parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog or "threestudio-perpneg smoke",
         description="CPU smoke run / 2D playground of Perp-Neg score distillation: optimise one "
         "image per azimuth with batched Perp-Neg SDS, write grid.png and smoke.json.",

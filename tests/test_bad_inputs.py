@@ -73,6 +73,7 @@ CLI_ROWS: List[Cli] = [
     _c("S23", ["smoke", "--out", "afile/sub"], 2, "--out", "afile/sub", "is a file"),
     _c("S24", ["smoke", "--out", "tinyfile"], 2, "--out", "tiny-sd", "is a file"),
     _c("S25", ["smoke", "--out", "griddir"], 2, "--out", "grid.png", "is a folder"),
+    _c("S26", ["smoke", "--out", "cachefile"], 2, "--out", "cache", "is a file"),
     _c("T1", ["nosuchcommand"], 2, "'nosuchcommand'", "smoke"),
     _c("T2", [], 2, "required", "smoke"),
     # ------------------------------------------------------------------------ generate
@@ -88,6 +89,14 @@ CLI_ROWS: List[Cli] = [
     _c("G10", ["generate", "a corgi", "--out", "afile"], 2, "--out", "afile", "folder"),
     _c("G11", ["generate", "a corgi", "--out", "afile/sub"], 2, "--out", "afile", needs_l=True),
     _c("G12", ["generate", "--replay", "afile"], 2, "--replay", "afile", "JSON"),
+    _c(
+        "G13",
+        ["generate", "a", "--out", "imgfile", "--steps", "1", "--height", "64", "--width", "64"],
+        2,
+        "--out",
+        "images",
+        needs_l=True,
+    ),
     # -------------------------------------------------------------------------- eval2d
     _c("E1", ["eval2d", "--prompts", "|"], 2, "--prompts", "'|'"),
     _c("E2", ["eval2d", "--prompts", "a corgi", "--views", "up"], 2, "--views", "'up'", "front"),
@@ -221,8 +230,8 @@ def test_table_lists_every_row_and_each_is_backed(doc_rows: Dict[str, List[str]]
 @pytest.fixture
 def scratch(tmp_path: Path, tiny_sd_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working folder with the paths the rows name: a file, an empty folder, a model folder
-    without unet/, an --out whose tiny-sd is a file, one whose grid.png is a folder, and image
-    folder with a manifest."""
+    without unet/, --out folders whose tiny-sd, cache or images is a file or whose grid.png is a
+    folder, and an image folder with a manifest."""
     from PIL import Image
 
     (tmp_path / "afile").write_text("not a folder\n")
@@ -232,6 +241,10 @@ def scratch(tmp_path: Path, tiny_sd_path: Path, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "tinyfile").mkdir()
     (tmp_path / "tinyfile" / "tiny-sd").write_text("not a checkpoint\n")
     (tmp_path / "griddir" / "grid.png").mkdir(parents=True)
+    (tmp_path / "cachefile").mkdir()
+    (tmp_path / "cachefile" / "cache").write_text("not a folder\n")
+    (tmp_path / "imgfile").mkdir()
+    (tmp_path / "imgfile" / "images").write_text("not a folder\n")
     man = tmp_path / "man"
     man.mkdir()
     for i in range(3):

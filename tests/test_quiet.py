@@ -110,7 +110,10 @@ def test_smoke_run_shows_only_our_messages(tmp_path: Path) -> None:
     assert any(ln.startswith("NOTE: no --model given") for ln in lines)
 
 
-def test_verbose_flag_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verbose_flag_placement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the sweep's Hydra writes sweeps/ into the current folder
     assert wants_verbose(["a", "--verbose"]) and not wants_verbose(["--", "--verbose"])
     # Before the subcommand (given on to it) and after it; stripped from the sweep's overrides.
     assert main(["--verbose", "link", str(tmp_path / "absent")]) == 2

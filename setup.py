@@ -47,7 +47,7 @@ setup(
     entry_points={
         "console_scripts": [
             "threestudio-perpneg=threestudio_perpneg.__main__:main",
-            "perpneg-2d=threestudio_perpneg.commands.generate:main",
+            "perpneg-2d=threestudio_perpneg.__main__:perpneg_2d",
         ]
     },
 )

@@ -358,11 +358,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _quiet_hf() -> None:
-    """No download/loading progress bars from diffusers and transformers."""
+    """No download bars, and the commands' quiet default for diffusers/transformers/accelerate."""
+    from threestudio_perpneg.commands.quiet import quiet_third_party
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for mod in ("diffusers.utils.logging", "transformers.utils.logging"):
-        with contextlib.suppress(Exception):
-            __import__(mod, fromlist=["disable_progress_bar"]).disable_progress_bar()
+    quiet_third_party()
 
 
 # ------------------------------------------------------------------- other priors

@@ -217,12 +217,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _quiet_hf() -> None:
+    """No download bars, and the commands' quiet default for diffusers/transformers/accelerate."""
+    from threestudio_perpneg.commands.quiet import quiet_third_party
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for mod in ("diffusers.utils.logging", "transformers.utils.logging"):
-        with contextlib.suppress(Exception):
-            m = __import__(mod, fromlist=["disable_progress_bar", "set_verbosity_error"])
-            m.disable_progress_bar()
-            m.set_verbosity_error()
+    quiet_third_party()
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 AZIMUTHS = [0.0, 90.0, 180.0]
 EXPECTED_VIEWS = {0.0: "front", 90.0: "side", 180.0: "back"}
 USER_NEGATIVES = ["a hat:-1.5", "blurry:0"]  # the zero-weight one is never evaluated
+NOISE_NOTE = "the tiles are noise because the model is random"
 
 
 def _run(tmp: Path, **overrides: Any) -> Dict[str, Any]:
@@ -149,10 +150,15 @@ def test_overhead_has_no_view_negatives(tiny_sd_path: Path, tmp_path: Path) -> N
     assert [s["unet_branches"] for s in result["steps"]] == [4, 4]
 
 
-def test_no_perp_neg_is_plain_cfg(tiny_sd_path: Path, tmp_path: Path) -> None:
+def test_no_perp_neg_is_plain_cfg(
+    tiny_sd_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = _run(
         tmp_path, model=str(tiny_sd_path), steps=1, no_perp_neg=True, perp_neg_prompt=["hat:-1"]
     )
+    # A --model run is not the random tiny model: no noise note.
+    assert NOISE_NOTE not in capsys.readouterr().err
+    assert result["settings"]["random_model"] is False
     assert [r["unet_branches"] for r in result["azimuths"]] == [2, 2, 2]
     assert result["steps"][0]["unet_branches"] == 6
     assert [max(r["positive_mix"], key=r["positive_mix"].get) for r in result["azimuths"]] == [
@@ -160,9 +166,13 @@ def test_no_perp_neg_is_plain_cfg(tiny_sd_path: Path, tmp_path: Path) -> None:
     ]
 
 
-def test_builds_and_reuses_tiny_model(tmp_path: Path) -> None:
+def test_builds_and_reuses_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = _run(tmp_path)
     assert first["settings"]["model_source"] == "tiny (built)"
+    captured = capsys.readouterr()
+    assert NOISE_NOTE in captured.err and str(tmp_path / "tiny-sd") in captured.err
+    assert "the tiles are noise" in captured.out  # repeated under the summary
+    assert first["settings"]["random_model"] is True
     assert first["settings"]["model"] == str((tmp_path / "tiny-sd").absolute())
     assert (tmp_path / "tiny-sd" / "unet").is_dir()
     assert [r["view"] for r in first["azimuths"]] == [EXPECTED_VIEWS[a] for a in AZIMUTHS]
@@ -173,6 +183,7 @@ def test_builds_and_reuses_tiny_model(tmp_path: Path) -> None:
     # first step does not depend on which other azimuths share the batch.
     second = _run(tmp_path, azimuths=[0.0], steps=1)
     assert second["settings"]["model_source"] == "tiny (reused)"
+    assert NOISE_NOTE in capsys.readouterr().err  # said on every run, also when reused
     assert second["azimuths"][0]["timesteps"][0] == first["azimuths"][0]["timesteps"][0]
     assert second["azimuths"][0]["losses"][0] == pytest.approx(
         first["azimuths"][0]["losses"][0], rel=1e-4

@@ -12,6 +12,10 @@ Subcommands:
 * ``eval3d``: Janus rate and view accuracy of threestudio runs (:mod:`threestudio_perpneg.eval.janus`).
 * ``sweep``: the Hydra reproduction sweep (:mod:`threestudio_perpneg.eval.sweep`; Hydra overrides
   follow, e.g. ``sweep dry_run=true``).
+
+Every command is quiet by default (:mod:`threestudio_perpneg.commands.quiet`: diffusers',
+transformers' and accelerate's warnings and loading bars hidden); ``--verbose``, before or after the
+subcommand, shows them.
 """
 
 from __future__ import annotations
@@ -44,13 +48,17 @@ DELEGATED = {
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser (its ``--help`` lists the subcommands)."""
     from . import __version__
+    from .commands.common import OneLineParser
+    from .commands.quiet import VERBOSE_HELP
     from .commands.smoke import add_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Perp-Neg guidance (arXiv 2304.04968) for threestudio.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Its own dest: a subparser's default would overwrite a shared one.
+    parser.add_argument("--verbose", dest="verbose_top", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["smoke", *DELEGATED]) + "}")
     sub.required = True
     smoke = sub.add_parser(
@@ -68,18 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit code."""
+    from .commands.quiet import quiet_third_party, wants_verbose
+
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    if args[:1] == ["--verbose"] and args[1:2] and args[1] in DELEGATED:
+        verbose, args = True, args[1:]  # top-level --verbose before a delegated subcommand
     if args and args[0] in DELEGATED:
         # These subcommands parse their own options (including --help).
         import importlib
 
-        module = importlib.import_module(DELEGATED[args[0]][0], __package__)
-        if args[0] == "link":
-            return int(module.main(args[1:]) or 0)
-        return int(module.main(args[1:], prog=f"{PROG} {args[0]}"))
+        name, rest = args[0], args[1:]
+        if name == "sweep":  # Hydra takes overrides, not options: --verbose is ours
+            verbose = verbose or "--verbose" in rest
+            rest = [a for a in rest if a != "--verbose"]
+        elif verbose:
+            rest = ["--verbose", *rest]
+        quiet_third_party(verbose or wants_verbose(rest))
+        module = importlib.import_module(DELEGATED[name][0], __package__)
+        if name == "link":
+            return int(module.main(rest) or 0)
+        return int(module.main(rest, prog=f"{PROG} {name}"))
 
     parser = build_parser()
     ns = parser.parse_args(args)
+    ns.verbose = bool(ns.verbose_top or getattr(ns, "verbose", False))
+    quiet_third_party(ns.verbose)
     if ns.command == "smoke":
         from .commands.common import run_command
         from .commands.smoke import SmokeError, run_smoke
@@ -87,6 +109,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_command(f"{PROG} smoke", lambda: run_smoke(ns), SmokeError)
     parser.error(f"unknown command {ns.command!r}")  # unreachable: argparse checks choices
     return 2
+
+
+def perpneg_2d(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``perpneg-2d`` console script: ``generate``, quiet by default like every command."""
+    from .commands.generate import main as generate_main
+    from .commands.quiet import quiet_third_party, wants_verbose
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party(wants_verbose(args))
+    return int(generate_main(args))
 
 
 if __name__ == "__main__":

@@ -218,3 +218,13 @@ def build_tiny(path: Union[str, Path], *, announce: bool = True) -> str:
     if announce:
         print(f"building a tiny random Stable Diffusion checkpoint in {path} ...", file=sys.stderr)
     return str(build_tiny_stable_diffusion(path, seed=TINY_SEED, overwrite=True))
+
+
+# ------------------------------------------------------------------------------- output paths
+def output_file_slots(folder: Path, names: Tuple[str, ...], arg: str = "--out") -> None:
+    """``ValueError`` (one line) when one of the files ``folder/name`` to be written is a folder."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise ValueError(
+                f"{arg} {str(folder)!r}: cannot write {name}: {str(folder / name)!r} is a folder"
+            )

@@ -262,7 +262,9 @@ def link_into(
 
 # -------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .common import OneLineParser  # one-line usage errors, as every command
+
+    parser = OneLineParser(
         prog="threestudio-perpneg link",
         description=(
             "Install the Perp-Neg plugin into a threestudio checkout: write "
@@ -277,6 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="overwrite target files whose content differs"
     )
+    from .quiet import add_verbose_argument  # issue 9: quiet by default (commands/quiet.py)
+
+    add_verbose_argument(parser)
     return parser
 
 

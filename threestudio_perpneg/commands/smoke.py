@@ -11,6 +11,8 @@ Without ``--model`` a tiny seeded random Stable Diffusion checkpoint is built in
 ``--model`` any diffusers Stable Diffusion folder or hub id is used (``--device cuda --fp16`` for a
 real model).
 
+The command line (options, types, checks) is :mod:`.smoke_args`.
+
 Outputs, written atomically: ``<out>/grid.png`` (one labelled tile per azimuth) and
 ``<out>/smoke.json`` (settings, library versions, per-azimuth view bucket, r, positive mix, negative
 weights, UNet branches and losses, per-step branches and losses).
@@ -29,11 +31,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..common.io import output_folder
 from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
 from ..core.text import resolve_pretrained, text_embeddings, view_prompts
-from ..core.views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_weights
+from ..core.views import VIEW_NAMES, ViewThresholds, make_scheme, view_weights
 from ..engines.sd import (
-    SCALE_CONVENTIONS,
     PerpNegSDSEngine,
     SDSSettings,
     branch_counts,
@@ -41,21 +43,20 @@ from ..engines.sd import (
     sds_step,
 )
 from .common import (
-    CommandError,
     atomic_write,
     build_tiny,
-    device_arg,
-    finite_float,
     first_line,
-    positive_int,
+    output_file_slots,
     run_command,
-    split_text_weight,
     tiny_path,
     versions,
     write_json,
 )
+from .quiet import quiet_third_party
+from .smoke_args import AZIMUTH_RANGE, SmokeError, add_arguments, build_parser, resolve_args
 
 __all__ = [
+    "AZIMUTH_RANGE",
     "SmokeError",
     "add_arguments",
     "build_parser",
@@ -78,198 +79,14 @@ LABEL_HEIGHT = 16
 #: Tiles per grid row.
 MAX_COLUMNS = 8
 CACHE_DIR = "cache"
-
-
-class SmokeError(CommandError):
-    """A user-facing error of the smoke command: one line, and the exit code it maps to."""
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def _negative_prompt_arg(value: str) -> Tuple[str, float]:
-    """``TEXT:WEIGHT`` (split at the last colon), the weight finite and ≤ 0."""
-    text, w = split_text_weight(value, "'a hat:-1.5'", example_if_not_numeric=False)
-    if not math.isfinite(w) or w > 0:
-        raise argparse.ArgumentTypeError(
-            f"weight must be a finite number <= 0 (negatives remove a concept), got {value!r}"
-        )
-    return text, w
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the smoke command's options to ``parser`` (used by the ``smoke`` subcommand too)."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        metavar="ID_OR_PATH",
-        help="Stable Diffusion hub id or local diffusers folder; default: a tiny random "
-        "checkpoint built into <out>/tiny-sd (reused when it exists and loads)",
-    )
-    parser.add_argument(
-        "--prompt", default="a corgi", help="positive prompt (default: %(default)r)"
-    )
-    parser.add_argument(
-        "--negative-prompt",
-        default="",
-        help="unconditional baseline ε_u, threestudio's negative_prompt (default: empty)",
-    )
-    parser.add_argument(
-        "--perp-neg-prompt",
-        dest="perp_neg_prompt",
-        nargs="+",
-        action="extend",
-        type=_negative_prompt_arg,
-        default=[],
-        metavar="TEXT:WEIGHT",
-        help="user negative prompts projected with Perp-Neg, weight <= 0 (e.g. 'blurry:-1')",
-    )
-    parser.add_argument(
-        "--azimuths",
-        nargs="+",
-        type=finite_float,
-        default=[0.0, 45.0, 90.0, 135.0, 180.0],
-        metavar="DEG",
-        help="camera azimuths in degrees, front at 0 (default: 0 45 90 135 180)",
-    )
-    parser.add_argument(
-        "--elevation",
-        type=finite_float,
-        default=0.0,
-        metavar="DEG",
-        help="camera elevation in degrees for every azimuth; above 60 is an overhead view "
-        "(default: 0)",
-    )
-    parser.add_argument(
-        "--scheme",
-        choices=sorted(SCHEMES),
-        default="threestudio",
-        help="view negative weight scheme (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, default=4, help="SDS steps (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--size",
-        type=positive_int,
-        default=64,
-        help="side of each optimised RGB image in pixels; renders are resized to 512 for the VAE "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--guidance-scale",
-        type=finite_float,
-        default=100.0,
-        help="guidance scale s (default: %(default)s, threestudio's)",
-    )
-    parser.add_argument(
-        "--scale-convention",
-        choices=SCALE_CONVENTIONS,
-        default="threestudio",
-        help="threestudio: ε_u + (s+1)(…), as threestudio's SDS; cfg: ε_u + s(…) "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lr", type=finite_float, default=0.05, help="Adam learning rate (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of every azimuth's generator (initial image, timesteps, noise: the same for "
-        "every azimuth, so tiles differ only by their view conditioning) and of the VAE "
-        "posterior sample (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device",
-        type=device_arg,
-        default="cpu",
-        help="cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--fp16", action="store_true", help="half-precision UNet/VAE weights (for GPUs)"
-    )
-    parser.add_argument(
-        "--no-perp-neg",
-        dest="no_perp_neg",
-        action="store_true",
-        help="plain classifier-free guidance on the bucketed view prompt (threestudio's vanilla "
-        "SDS): 2 UNet branches per azimuth",
-    )
-    parser.add_argument("--out", default="smoke_out", help="output folder (default: %(default)s)")
-    return parser
-
-
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The smoke command's stand-alone parser."""
-    parser = argparse.ArgumentParser(
-        prog=prog or "threestudio-perpneg smoke",
-        description="CPU smoke run / 2D playground of Perp-Neg score distillation: optimise one "
-        "image per azimuth with batched Perp-Neg SDS, write grid.png and smoke.json.",
-    )
-    return add_arguments(parser)
-
-
-def _resolve_args(
-    args: Optional[argparse.Namespace], overrides: Dict[str, Any]
-) -> argparse.Namespace:
-    parser = build_parser()
-    base = vars(parser.parse_args([]))
-    merged = dict(base)
-    if args is not None:
-        merged.update({k: v for k, v in vars(args).items() if k in base})
-    unknown = sorted(set(overrides) - set(base))
-    if unknown:
-        raise TypeError(f"run_smoke: unknown option(s) {unknown}, expected some of {sorted(base)}")
-    merged.update(overrides)
-    ns = argparse.Namespace(**merged)
-
-    def check(key: str, cond: bool, expected: str) -> None:
-        if not cond:
-            raise SmokeError(
-                f"--{key.replace('_', '-')}: expected {expected}, got {merged[key]!r}", 2
-            )
-
-    # Overrides bypass argparse: normalise and validate them the same way.
-    negs = []
-    for item in ns.perp_neg_prompt or []:
-        try:
-            negs.append(
-                _negative_prompt_arg(item)
-                if isinstance(item, str)
-                else _negative_prompt_arg(f"{item[0]}:{item[1]}")
-            )
-        except (argparse.ArgumentTypeError, TypeError, IndexError) as err:
-            raise SmokeError(f"--perp-neg-prompt: {err}", 2) from None
-    ns.perp_neg_prompt = negs
-    try:
-        ns.azimuths = [float(a) for a in ns.azimuths]
-    except (TypeError, ValueError):
-        check("azimuths", False, "a list of numbers")
-    check("azimuths", len(ns.azimuths) > 0 and all(map(math.isfinite, ns.azimuths)), "numbers")
-    for key in ("steps", "size"):
-        v = getattr(ns, key)
-        check(key, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
-    for key in ("elevation", "guidance_scale", "lr"):
-        v = getattr(ns, key)
-        check(
-            key,
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-            "a finite number",
-        )
-    check("elevation", -90.0 <= ns.elevation <= 90.0, "degrees in [-90, 90]")
-    check("lr", ns.lr > 0, "a positive number")
-    check("scheme", ns.scheme in SCHEMES, f"one of {sorted(SCHEMES)}")
-    check("scale_convention", ns.scale_convention in SCALE_CONVENTIONS, str(SCALE_CONVENTIONS))
-    check("seed", isinstance(ns.seed, int) and not isinstance(ns.seed, bool), "an integer")
-    check("prompt", isinstance(ns.prompt, str) and bool(ns.prompt.strip()), "a non-empty string")
-    check("negative_prompt", isinstance(ns.negative_prompt, str), "a string")
-    try:
-        ns.device = device_arg(str(ns.device))
-    except argparse.ArgumentTypeError as err:
-        raise SmokeError(f"--device: {err}", 2) from None
-    ns.out = str(ns.out)
-    if ns.model is not None:
-        ns.model = str(ns.model)
-    return ns
+#: Files written into ``--out`` (besides the ``tiny-sd/`` and ``cache/`` folders).
+OUTPUT_FILES = ("grid.png", "smoke.json")
+TINY_NOTE = (
+    "NOTE: no --model given: using a tiny RANDOM Stable Diffusion checkpoint ({path}); the tiles "
+    "are noise because the model is random, not a test of image quality. Pass --model "
+    "stabilityai/stable-diffusion-2-1-base (or a local diffusers folder) with --device cuda --fp16 "
+    "for real images."
+)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -318,9 +135,15 @@ def _prepare_model(
             return resolved, "--model", _load_models(resolved, device, dtype, prompts, cache)
         except (OSError, ValueError) as err:
             msg = first_line(err).replace("pretrained_model_name_or_path: ", "", 1)
-            raise SmokeError(f"--model {ns.model!r}: {msg}") from err
+            raise SmokeError(f"--model {ns.model!r}: {msg}", 2) from err
 
     tiny = tiny_path(out)  # one cache key whether built or reused
+    if tiny.exists() and not tiny.is_dir():
+        raise SmokeError(
+            f"--out {ns.out!r}: {str(tiny)!r} is a file; the tiny checkpoint needs that name "
+            "for a folder (remove the file or choose another --out)",
+            2,
+        )
     if tiny.is_dir():
         try:
             return (
@@ -395,20 +218,31 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
     a missing ``--model`` folder, an unloadable model or an unavailable device.
     """
     t_start = time.perf_counter()
-    ns = _resolve_args(args, overrides)
+    ns = resolve_args(args, overrides)
     device = _device(ns)
     dtype = torch.float16 if ns.fp16 else torch.float32
     settings = SDSSettings(guidance_scale=ns.guidance_scale, scale_convention=ns.scale_convention)
     scheme = make_scheme(ns.scheme)
     thresholds = ViewThresholds()
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_folder("--out", ns.out)
+        output_file_slots(out, OUTPUT_FILES, "--out")
+        if ns.model is None and (out / CACHE_DIR).exists() and not (out / CACHE_DIR).is_dir():
+            raise ValueError(
+                f"--out {ns.out!r}: {str(out / CACHE_DIR)!r} is a file; the text-embedding "
+                "cache needs that name for a folder"
+            )
+    except ValueError as err:
+        raise SmokeError(str(err), 2) from None
 
     views_text = view_prompts(ns.prompt)
     user_texts = [t for t, _ in ns.perp_neg_prompt]
     user_weights = [w for _, w in ns.perp_neg_prompt]
     prompts = [ns.prompt, ns.negative_prompt, *views_text, *user_texts]
     model, source, (unet, vae, scheduler, emb) = _prepare_model(ns, out, device, dtype, prompts)
+    random_model = ns.model is None
+    if random_model:  # every run, built or reused: the tiles must not be mistaken for results
+        print(TINY_NOTE.format(path=model), file=sys.stderr)
 
     # The PromptBank exactly as perpneg-prompt-processor builds it.
     bank = PromptBank.from_embeddings(
@@ -506,6 +340,7 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
             "args": cli,
             "model": model,
             "model_source": source,
+            "random_model": random_model,
             "perp_neg": perp_neg,
             "dtype": str(dtype).replace("torch.", ""),
             "effective_scale": settings.scale,
@@ -539,6 +374,8 @@ def run_smoke(args: Optional[argparse.Namespace] = None, **overrides: Any) -> Di
     write_json(json_path, result)
 
     _print_summary(result)
+    if random_model:
+        print("(random tiny model: the tiles are noise; see --model)")
     return result
 
 
@@ -614,6 +451,7 @@ def _fmt(x: Optional[float]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``threestudio-perpneg smoke`` on its own (the package ``__main__`` dispatches here)."""
     args = build_parser().parse_args(argv)
+    quiet_third_party(args.verbose)
     return run_command(
         "threestudio-perpneg smoke", lambda: run_smoke(args), SmokeError, interrupt=False
     )

@@ -18,6 +18,7 @@ from ..common import (
     positive_int,
     split_text_weight,
 )
+from ..quiet import add_verbose_argument
 
 __all__ = ["GenerateError", "GRID_NAME", "IMAGES_DIR", "PROG", "SIDECAR_NAME", "build_parser"]
 
@@ -363,4 +364,5 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="with --replay: only this image (its file name, with or without .png)",
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_verbose_argument(o)
     return p

@@ -22,6 +22,7 @@ from ...commands.common import (
     parse_and_run,
     positive_int,
 )
+from ...commands.quiet import add_verbose_argument
 from ...common.checks import check_names, check_seeds
 from ...common.io import output_folder, read_json
 from .protocol import DEFAULT_MODES, DEFAULT_VIEWS, check_prompts, run_eval2d
@@ -193,6 +194,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--out", default="eval2d_out", metavar="DIR", help="output folder (default: %(default)s)"
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_argument(o)
     return p
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
+from ...commands.quiet import add_verbose_argument
 from ...common.checks import check_float, check_int
 from ...common.io import output_folder
 from .flags import JanusConfig
@@ -132,6 +133,7 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
         action="store_true",
         help="no progress bars (default: off: progress bars on stderr)",
     )
+    add_verbose_argument(o)
     return p
 
 

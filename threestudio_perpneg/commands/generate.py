@@ -44,6 +44,7 @@ from .common import (
     device_arg,
     finite_float,
     first_line,
+    fraction_arg,  # issue 12
     positive_int,
     run_command,
     split_text_weight,
@@ -405,6 +406,22 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "the recorded device)",
     )
     m.add_argument("--fp16", action="store_true", help="half-precision weights (GPU)")
+    # -- Perp-Neg timestep window (issue 12) --
+    m.add_argument(
+        "--perp-neg-start",
+        type=fraction_arg,
+        default=0.0,
+        metavar="F",
+        help="fraction of the denoising steps before which negatives are off (default: 0)",
+    )
+    m.add_argument(
+        "--perp-neg-stop",
+        type=fraction_arg,
+        default=1.0,
+        metavar="F",
+        help="fraction of the denoising steps from which negatives are off (default: 1)",
+    )
+    # -- end Perp-Neg timestep window --
 
     o = p.add_argument_group("output and replay")
     o.add_argument(
@@ -476,6 +493,7 @@ def _library_error(err: ValueError, default_arg: str) -> NoReturn:
         "view_weights": "--view-weights",
         "mode": "--mode",
         "scheme": "--scheme",
+        "perp_neg_start/perp_neg_stop": "--perp-neg-start",  # issue 12
     }.get(key, default_arg)
     _fail(arg, _strip_key(msg, key))
 
@@ -542,6 +560,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         "height": args.height,
         "width": args.width,
         "eta": args.eta,
+        "perp_neg_start": args.perp_neg_start,  # issue 12
+        "perp_neg_stop": args.perp_neg_stop,  # issue 12
     }
     view_kwargs: Dict[str, Any] = {
         "elevation": args.elevation,

@@ -493,7 +493,6 @@ def _library_error(err: ValueError, default_arg: str) -> NoReturn:
         "view_weights": "--view-weights",
         "mode": "--mode",
         "scheme": "--scheme",
-        "perp_neg_start/perp_neg_stop": "--perp-neg-start",  # issue 12
     }.get(key, default_arg)
     _fail(arg, _strip_key(msg, key))
 
@@ -548,6 +547,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
             _fail("--scheme", "only with --view, --azimuth or --sweep")
     if args.azimuths is not None and not args.sweep:
         _fail("--azimuths", "only with --sweep (use --azimuth for single views)")
+    if args.perp_neg_start > args.perp_neg_stop:  # issue 12
+        lo, hi = args.perp_neg_start, args.perp_neg_stop
+        _fail("--perp-neg-start", f"expected <= --perp-neg-stop, got {lo:g} > {hi:g}")
     modes = list(args.modes) if args.modes else [args.mode or "perpneg"]
     scheme = args.scheme or "threestudio"
 

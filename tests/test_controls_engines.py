@@ -385,6 +385,30 @@ def test_sampler_window_runs_negative_rows_only_inside(sampler) -> None:
     )
 
 
+def test_generate_view_takes_the_window(sampler) -> None:
+    rows: List[int] = []
+    handle = sampler.unet.register_forward_pre_hook(
+        lambda module, args: rows.append(int(args[0].shape[0]))
+    )
+    try:
+        out = sampler.generate_view(
+            PROMPT,
+            view="back",
+            scheme="authors",  # back: front (-2) and side (-1) negatives
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            seeds=[0],
+            progress=False,
+            perp_neg_start=0.5,
+            perp_neg_stop=1.0,
+        )
+    finally:
+        handle.remove()
+    assert len(out.weights["negative"]) == 2
+    assert rows == [2, 2, 4, 4]
+
+
 def test_sampler_window_errors_name_the_argument(sampler) -> None:
     from helpers import raises_naming
 

@@ -707,7 +707,8 @@ class PerpNegSampler:
                 replaces the scheme's view negatives (views not named get weight 0).
             extra_prompts, weights, mode: as in :meth:`generate`.
             **generate_kwargs: ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
-                ``height``, ``width``, ``seeds``, ``eta``, ``progress`` as in :meth:`generate`.
+                ``height``, ``width``, ``seeds``, ``eta``, ``progress``, ``perp_neg_start``,
+                ``perp_neg_stop`` as in :meth:`generate`.
 
         Raises:
             `ValueError`: naming ``view`` / ``azimuth`` (both or neither given, unknown view,

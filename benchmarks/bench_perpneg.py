@@ -37,6 +37,11 @@ Examples::
     python benchmarks/bench_perpneg.py --unet full --device cuda --fp16 --batch-size 4
     python benchmarks/bench_perpneg.py --model stabilityai/stable-diffusion-2-1-base --fp16
 
+With ``--controls`` both parts add the Perp-Neg controls of issue 12 (``perp_neg_sampling: one``,
+two ``perp_neg_t_range`` windows, a decaying ``perp_neg_weight_scale``; see ``controls_variants.py``)
+on the ``threestudio`` weights: rows per step over the camera and timestep distribution, and their
+step time against vanilla and the threestudio-style 4·B step in the same run.
+
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
@@ -57,6 +62,7 @@ import torch
 from torch import Tensor
 
 from threestudio_perpneg.core.conditioning import PromptBank, StepConditioning, step_conditioning
+from threestudio_perpneg.core.controls import PerpNegControls
 from threestudio_perpneg.core.views import FRONT, SIDE, ViewThresholds, make_scheme, view_weights
 from threestudio_perpneg.engines.sd import (
     PerpNegSDSEngine,
@@ -508,6 +514,14 @@ def time_guidance(
             bank, e, a, scheme=s, thresholds=thresholds, min_weight=args.min_weight
         )
     methods = ["vanilla", "ours-threestudio", "ours-authors", "threestudio-4B"]
+    controls_of: Dict[str, Optional[PerpNegControls]] = {}
+    if args.controls:
+        from controls_variants import VARIANTS
+
+        for name, (_label, ctl) in VARIANTS.items():
+            conditioners[name] = conditioners["ours-threestudio"]
+            controls_of[name] = ctl
+            methods.append(name)
     losses: Dict[str, List[float]] = {m: [] for m in methods}
     lora_rows = [0]
     if lora is not None:
@@ -520,7 +534,9 @@ def time_guidance(
         cond = conditioners[method](e, a)
         rgb = renders[k].detach().requires_grad_(True)
         g = torch.Generator(device=device).manual_seed(args.seed * 1000 + k)
-        common = dict(min_step=min_step, max_step=max_step, generator=g)
+        common = dict(
+            min_step=min_step, max_step=max_step, generator=g, controls=controls_of.get(method)
+        )
         if guidance == "if":
             out = if_sds_step(
                 engine,  # type: ignore[arg-type]
@@ -635,6 +651,10 @@ def report(
             "threestudio-4B": "threestudio-style Perp-Neg (4B rows)",
         }
         head = f"(b, {guidance})"
+    if args.controls:
+        from controls_variants import VARIANTS
+
+        labels.update({name: label for name, (label, _ctl) in VARIANTS.items()})
     step_name = "VSD" if guidance == "vsd" else "SDS"
     print()
     print(
@@ -773,6 +793,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=0.0,
         help="ours: skip negatives with |w| <= this (perp_neg_min_weight, default 0)",
     )
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also count and time the Perp-Neg controls (sampling one, t windows, weight scale)",
+    )
     p.add_argument("--guidance-scale", type=float, default=100.0)
     p.add_argument("--min-step-percent", type=float, default=0.02)
     p.add_argument("--max-step-percent", type=float, default=0.98)
@@ -837,6 +862,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows,
         )
     )
+    if args.controls:
+        from controls_variants import count_rows
+
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        elev, azim, _ = sample_cameras(
+            args.count_batches,
+            b,
+            args.elevation_range,
+            args.azimuth_range,
+            args.camera_distance_range,
+            batch_uniform_azimuth=not args.no_batch_uniform_azimuth,
+            generator=gen,
+        )
+        lo, hi = int(1000 * args.min_step_percent), int(1000 * args.max_step_percent)
+        print()
+        print(
+            f"(a, controls) UNet rows per step with the Perp-Neg controls, threestudio weights, "
+            f"t ~ U{{{lo}..{hi}}} per sample, same camera batches"
+        )
+        print(
+            _table(
+                ["variant", "mean", "min", "max", "vs threestudio 4B", "vs vanilla 2B"],
+                count_rows(elev, azim, b, thresholds, lo, hi, args.min_weight, args.seed + 5),
+            )
+        )
     if args.guidance != "sd":
         print(
             "  (the same for every prior: SD, DeepFloyd IF and VSD's pretrained branch; the "

@@ -73,7 +73,7 @@ class PerpNegDeepFloydGuidance(PerpNegStableDiffusionGuidance):
         if rgb_as_latents:
             raise ValueError("rgb_as_latents: DeepFloyd IF has no latent space, pass RGB renders")
         cond = self.conditioning(prompt_utils, elevation, azimuth, camera_distances)
-        return if_sds_step(
+        out = if_sds_step(
             self.if_engine,
             rgb,
             cond,
@@ -87,7 +87,9 @@ class PerpNegDeepFloydGuidance(PerpNegStableDiffusionGuidance):
             guidance_eval=guidance_eval,
             max_items_eval=self.cfg.max_items_eval,
             generator=self.generator,
+            controls=self.perp_neg_controls,
         )
+        return self.with_control_logs(out)
 
 
 @threestudio.register("perpneg-deepfloyd-prompt-processor")

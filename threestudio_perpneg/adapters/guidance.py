@@ -13,6 +13,13 @@ from threestudio.utils.misc import C, cleanup, get_rank
 from torch import Tensor
 
 from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
+from ..core.controls import (
+    PerpNegControls,
+    check_sampling,
+    check_t_range,
+    check_weight_scale,
+    resolve_schedule,
+)
 from ..core.views import VIEW_NAMES, Scheme, ThreestudioScheme, ViewThresholds, make_scheme
 from ..engines.sd import PerpNegSDSEngine, SDSSettings, load_stable_diffusion, sds_step
 
@@ -82,6 +89,18 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         perp_neg_scheme: Optional[str] = None
         #: Negatives with |w| <= this are skipped (never evaluated); 0 skips exact zeros only.
         perp_neg_min_weight: float = 0.0
+        #: Multiplier λ >= 0 of every negative weight (view and user negatives): a number or a
+        #: schedule [start_step, start, end, end_step] resolved each step with threestudio's C
+        #: (logged as train/perp_neg_weight_scale). Default 1 (the scheme's weights).
+        perp_neg_weight_scale: Any = 1.0
+        #: [lo, hi], fractions of the training timesteps: negatives are evaluated only for samples
+        #: with lo <= t/1000 <= hi, the others get plain CFG on their interpolated positive (no
+        #: negative rows). Default [0, 1] (every t).
+        perp_neg_t_range: Any = field(default_factory=lambda: [0.0, 1.0])
+        #: ``all`` (default): every negative; ``one``: one negative per sample, drawn with
+        #: p_i = |w_i| / sum |w_j| from the step's generator and weighted w_i / p_i (unbiased,
+        #: 3 UNet rows per sample).
+        perp_neg_sampling: str = "all"
         #: Seed of a private generator for timesteps, noise and VAE sampling (plus the DDP rank,
         #: so ranks draw different noise); None = the global RNG, seeded by threestudio.
         seed: Optional[int] = None
@@ -108,6 +127,10 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             or mw < 0
         ):
             raise ValueError(f"perp_neg_min_weight: expected a finite number >= 0, got {mw!r}")
+        check_weight_scale(cfg.perp_neg_weight_scale)
+        self._t_range = check_t_range(cfg.perp_neg_t_range)
+        self._sampling = check_sampling(cfg.perp_neg_sampling)
+        self.set_weight_scale(resolve_schedule(cfg.perp_neg_weight_scale, 0, 0))
 
         self.weights_dtype = torch.float16 if cfg.half_precision_weights else torch.float32
         self._load_models()
@@ -161,6 +184,12 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             import tomesd
 
             tomesd.apply_patch(self.unet, **(cfg.token_merging_params or {}))
+
+    def set_weight_scale(self, scale: float) -> None:
+        """The step's Perp-Neg controls with weight multiplier ``scale``."""
+        self.perp_neg_controls = PerpNegControls(
+            weight_scale=scale, t_range=self._t_range, sampling=self._sampling
+        )
 
     def set_min_max_steps(
         self, min_step_percent: float = 0.02, max_step_percent: float = 0.98
@@ -231,7 +260,7 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         **kwargs: Any,
     ) -> Dict[str, Any]:
         cond = self.conditioning(prompt_utils, elevation, azimuth, camera_distances)
-        return sds_step(
+        out = sds_step(
             self.engine,
             rgb,
             cond,
@@ -246,7 +275,14 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             guidance_eval=guidance_eval,
             max_items_eval=self.cfg.max_items_eval,
             generator=self.generator,
+            controls=self.perp_neg_controls,
         )
+        return self.with_control_logs(out)
+
+    def with_control_logs(self, out: Dict[str, Any]) -> Dict[str, Any]:
+        """Adds ``perp_neg_weight_scale`` (systems log every output key as ``train/<key>``)."""
+        out["perp_neg_weight_scale"] = self.perp_neg_controls.weight_scale
+        return out
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         cfg = self.cfg
@@ -262,6 +298,7 @@ class PerpNegStableDiffusionGuidance(BaseObject):
             self.set_min_max_steps(current, current)
         else:
             self.set_min_max_steps(min_pct, C(cfg.max_step_percent, epoch, global_step))
+        self.set_weight_scale(float(C(cfg.perp_neg_weight_scale, epoch, global_step)))
 
 
 def _stock_bank_and_views(

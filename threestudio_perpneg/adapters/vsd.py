@@ -11,7 +11,7 @@ from threestudio.utils.base import BaseModule
 from torch import Tensor
 
 from ..core.text import resolve_pretrained
-from ..engines.sd import PerpNegSDSEngine, load_stable_diffusion
+from ..engines.sd import PerpNegSDSEngine, eval_conditioning, load_stable_diffusion
 from ..engines.vsd import LoRAUNet, VSDSettings, sample_latents, vsd_step
 from .guidance import PerpNegStableDiffusionGuidance
 
@@ -150,7 +150,7 @@ class PerpNegStableDiffusionVSDGuidance(BaseModule, PerpNegStableDiffusionGuidan
         **kwargs: Any,
     ) -> Dict[str, Any]:
         cond = self.conditioning(prompt_utils, elevation, azimuth, camera_distances)
-        return vsd_step(
+        out = vsd_step(
             self.engine,
             self.lora,
             self.lora_scheduler,
@@ -164,7 +164,9 @@ class PerpNegStableDiffusionVSDGuidance(BaseModule, PerpNegStableDiffusionGuidan
             grad_clip_val=self.grad_clip_val,
             rgb_as_latents=rgb_as_latents,
             generator=self.generator,
+            controls=self.perp_neg_controls,
         )
+        return self.with_control_logs(out)
 
     # ------------------------------------------------------------------ samples
     def _decode_sample(self, latents: Tensor) -> Tensor:
@@ -195,8 +197,12 @@ class PerpNegStableDiffusionVSDGuidance(BaseModule, PerpNegStableDiffusionGuidan
         )
         gen = torch.Generator(device=self.device).manual_seed(seed)
         scale = self.vsd_settings.scale
+        n_train = self.engine.num_train_timesteps
+        controls = self.perp_neg_controls
         latents = sample_latents(
-            lambda x, t: self.engine.guided_noise(x, t, cond, scale),
+            lambda x, t: self.engine.guided_noise(
+                x, t, eval_conditioning(cond, t, n_train, controls), scale
+            ),
             sched,
             shape,
             device=self.device,

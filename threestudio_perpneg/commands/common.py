@@ -143,6 +143,14 @@ def add_size_arguments(group: Any) -> None:
         )
 
 
+def fraction_arg(value: str) -> float:
+    """A number in [0, 1]."""
+    x = finite_float(value, "a fraction in [0, 1]")
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value!r}")
+    return x
+
+
 def device_arg(value: str, *, auto: bool = False, mps: bool = False) -> str:
     """``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` / ``mps`` when allowed)."""
     pattern = r"cpu|cuda(:\d+)?"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditioning import StepConditioning
+from ..core.controls import PerpNegControls, apply_controls
 from ..core.guidance import GuidancePredictions, perp_neg_guidance
 from ..core.text import resolve_pretrained
 from .sd import (
@@ -28,6 +29,7 @@ from .sd import (
     _full_precision,
     _replace_nonfinite,
     draw_timesteps_and_noise,
+    eval_conditioning,
     eval_texts,
     reparameterised_loss,
 )
@@ -166,10 +168,12 @@ class PerpNegIFEngine(PerpNegSDSEngine):
         scale: float,
         max_items: int = 4,
         generator: Optional[torch.Generator] = None,
+        controls: Optional[PerpNegControls] = None,
     ) -> Dict[str, Any]:
         """threestudio's guidance_eval images in pixel space, each sample with its own conditioning.
 
         ``noise_pred`` is the scheduler's model output (ε̂ and the learned variance, 6 channels).
+        ``cond`` and ``controls`` as in :meth:`~.sd.PerpNegSDSEngine.guidance_eval`.
         """
         if self._eval_scheduler is None:
             # A copy: set_timesteps must not touch the training scheduler.
@@ -202,7 +206,8 @@ class PerpNegIFEngine(PerpNegSDSEngine):
             x = x_1step[i : i + 1]
             for ts in sched.timesteps[int(idxs[i]) + 1 :]:
                 ts_b = ts.reshape(1).to(self.device)
-                eps, variance = self.guided_noise_and_variance(x, ts_b, sample_cond, scale)
+                c = eval_conditioning(sample_cond, ts_b, self.num_train_timesteps, controls)
+                eps, variance = self.guided_noise_and_variance(x, ts_b, c, scale)
                 x = sched.step(
                     self.model_output(eps, variance), ts, x, generator=generator
                 ).prev_sample
@@ -234,13 +239,15 @@ def if_sds_step(
     generator: Optional[torch.Generator] = None,
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
+    controls: Optional[PerpNegControls] = None,
 ) -> Dict[str, Any]:
     """One IF guidance step on renders ``rgb`` ``[B, H, W, 3]`` in [0, 1], threestudio's contract.
 
     Renders are mapped to [-1, 1] and resized to 64×64. Returns ``loss_sds`` (0.5·‖x − (x − grad)‖²
     / B), ``grad_norm``, ``min_step``, ``max_step``, ``perp_neg_branches``, ``nonfinite`` and ``eval``
     when asked. ``t`` and ``noise`` override the random draws, otherwise drawn from ``generator``
-    or the global RNG in threestudio's order (timesteps, then noise).
+    or the global RNG in threestudio's order (timesteps, then noise); ``controls`` act on ``cond``
+    after them, as in :func:`~.sd.sds_step`.
     """
     if rgb.dim() != 4 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb: expected shape [B, H, W, 3], got {tuple(rgb.shape)}")
@@ -252,6 +259,8 @@ def if_sds_step(
     x = F.interpolate(x, (IF_RESOLUTION, IF_RESOLUTION), mode="bilinear", align_corners=False)
 
     t, noise = draw_timesteps_and_noise(engine, x, min_step, max_step, generator, t, noise)
+    full_cond = cond
+    cond = apply_controls(cond, t, engine.num_train_timesteps, controls, generator)
 
     scale = settings.scale
     with torch.no_grad():
@@ -276,10 +285,11 @@ def if_sds_step(
             t,
             x_noisy,
             engine.model_output(eps_hat, variance),
-            cond,
+            full_cond,
             scale,
             max_items_eval,
             generator=generator,
+            controls=controls,
         )
         ev["texts"] = eval_texts(ev["noise_levels"], elevation, azimuth, camera_distances)
         out["eval"] = ev

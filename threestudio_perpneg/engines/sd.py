@@ -17,6 +17,7 @@ Guidance scale convention (``scale_convention``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditioning import StepConditioning
+from ..core.controls import PerpNegControls, apply_controls
 from ..core.guidance import GuidancePredictions, perp_neg_guidance
 from ..core.text import resolve_pretrained
 
@@ -277,8 +279,14 @@ class PerpNegSDSEngine:
         scale: float,
         max_items: int = 4,
         generator: Optional[torch.Generator] = None,
+        controls: Optional[PerpNegControls] = None,
     ) -> Dict[str, Any]:
-        """threestudio's guidance_eval images, each sample denoised with its own conditioning."""
+        """threestudio's guidance_eval images, each sample denoised with its own conditioning.
+
+        ``cond`` is the step's conditioning before the controls; ``controls`` (weight scale and
+        timestep window) apply at every denoising step, with ``all`` negatives (the expectation of
+        ``one``, and no draws from ``generator`` beyond the scheduler's).
+        """
         from diffusers import DDIMScheduler
 
         if self._eval_scheduler is None:
@@ -311,7 +319,8 @@ class PerpNegSDSEngine:
             lat = latents_1step[i : i + 1]
             for ts in sched.timesteps[int(idxs[i]) + 1 :]:
                 ts_b = ts.reshape(1).to(self.device)
-                eps = self.guided_noise(lat, ts_b, sample_cond, scale)
+                c = eval_conditioning(sample_cond, ts_b, self.num_train_timesteps, controls)
+                eps = self.guided_noise(lat, ts_b, c, scale)
                 lat = sched.step(eps, ts, lat, eta=1, generator=generator).prev_sample
             finals.append(lat)
         imgs_final = self.decode_latents(torch.cat(finals)).permute(0, 2, 3, 1)
@@ -323,6 +332,20 @@ class PerpNegSDSEngine:
             "imgs_1orig": imgs_1orig,
             "imgs_final": imgs_final,
         }
+
+
+def eval_conditioning(
+    cond: StepConditioning, t: Tensor, num_train_timesteps: int, controls: Optional[PerpNegControls]
+) -> StepConditioning:
+    """``cond`` under the weight scale and timestep window of ``controls``, every negative kept.
+
+    For multi-step denoising (guidance_eval, sampling) where a per-step draw of ``one`` would only
+    add noise to the images: they show the expectation."""
+    if controls is None:
+        return cond
+    return apply_controls(
+        cond, t, num_train_timesteps, dataclasses.replace(controls, sampling="all")
+    )
 
 
 def _randn(shape: torch.Size, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -415,6 +438,7 @@ def sds_step(
     generator: Optional[torch.Generator] = None,
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
+    controls: Optional[PerpNegControls] = None,
 ) -> Dict[str, Any]:
     """One guidance step on renders ``rgb`` ``[B, H, W, C]`` with threestudio's output contract.
 
@@ -423,7 +447,9 @@ def sds_step(
     step), ``nonfinite`` (guided-prediction elements that were not finite and were replaced), and
     ``loss_sds_img`` / ``eval`` when asked. ``t`` and ``noise`` override the random draws (for tests
     and reproductions); otherwise they are drawn from ``generator`` or the global RNG in threestudio's
-    order: VAE posterior sample, timesteps, noise.
+    order: VAE posterior sample, timesteps, noise. ``controls`` (weight scale, timestep window,
+    ``one`` sampling, see :mod:`~..core.controls`) act on ``cond`` after those draws, so negatives
+    they drop cost no UNet row; ``perp_neg_branches`` counts the rows actually evaluated.
     """
     if rgb.dim() != 4:
         raise ValueError(f"rgb: expected shape [B, H, W, C], got {tuple(rgb.shape)}")
@@ -433,6 +459,8 @@ def sds_step(
         )
     rgb_512, latents = renders_to_latents(engine, rgb, rgb_as_latents, generator)
     t, noise = draw_timesteps_and_noise(engine, latents, min_step, max_step, generator, t, noise)
+    full_cond = cond
+    cond = apply_controls(cond, t, engine.num_train_timesteps, controls, generator)
 
     scale = settings.scale
     with torch.no_grad():
@@ -473,7 +501,14 @@ def sds_step(
 
     if guidance_eval:
         ev = engine.guidance_eval(
-            t, model_input, eps_hat, cond, scale, max_items_eval, generator=generator
+            t,
+            model_input,
+            eps_hat,
+            full_cond,
+            scale,
+            max_items_eval,
+            generator=generator,
+            controls=controls,
         )
         ev["texts"] = eval_texts(ev["noise_levels"], elevation, azimuth, camera_distances)
         out["eval"] = ev

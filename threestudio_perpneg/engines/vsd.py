@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditioning import StepConditioning
+from ..core.controls import PerpNegControls, apply_controls
 from .sd import (
     PerpNegSDSEngine,
     _full_precision,
@@ -440,6 +441,7 @@ def vsd_step(
     t_lora: Optional[Tensor] = None,
     noise_lora: Optional[Tensor] = None,
     drop_camera: Optional[bool] = None,
+    controls: Optional[PerpNegControls] = None,
 ) -> Dict[str, Any]:
     """One VSD step on renders ``rgb`` ``[B, H, W, C]`` with threestudio's output contract.
 
@@ -453,7 +455,9 @@ def vsd_step(
     Returns ``loss_vsd`` (0.5·‖latents − (latents − grad)‖² / B), ``loss_lora``, ``grad_norm``,
     ``min_step``, ``max_step``, ``perp_neg_branches``, ``nonfinite`` and ``loss_vsd_img`` when asked.
     The random draws are threestudio's, in its order: VAE posterior sample, t, noise (VSD), then t,
-    noise and camera dropout of the LoRA loss; the keyword arguments override them.
+    noise and camera dropout of the LoRA loss; the keyword arguments override them. ``controls``
+    act on ``cond`` right after the VSD t and noise (before the LoRA draws), as in
+    :func:`~.sd.sds_step`.
     """
     if rgb.dim() != 4:
         raise ValueError(f"rgb: expected shape [B, H, W, C], got {tuple(rgb.shape)}")
@@ -469,6 +473,7 @@ def vsd_step(
         )
     rgb_512, latents = renders_to_latents(engine, rgb, rgb_as_latents, generator)
     t, noise = draw_timesteps_and_noise(engine, latents, min_step, max_step, generator, t, noise)
+    cond = apply_controls(cond, t, engine.num_train_timesteps, controls, generator)
 
     with torch.no_grad():
         latents_noisy = engine.scheduler.add_noise(latents, noise, t)

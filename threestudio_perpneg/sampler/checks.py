@@ -20,6 +20,7 @@ from ..common.checks import (
     check_sequence,
     check_text,
 )
+from ..core.controls import check_fraction_window
 from ..core.views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_index, view_weights
 
 __all__ = [
@@ -92,9 +93,14 @@ def check_sampling(
     width: Optional[int] = None,
     seeds: Sequence[int] = (0,),
     eta: float = 0.0,
+    perp_neg_start: float = 0.0,
+    perp_neg_stop: float = 1.0,
 ) -> Dict[str, Any]:
     """The sampling settings of one call; sizes default to ``default_size`` (height, width)."""
     steps = check_int("num_inference_steps", num_inference_steps, 1)
+    window = check_fraction_window(
+        perp_neg_start, perp_neg_stop, ("perp_neg_start", "perp_neg_stop")
+    )
     scale = check_float("guidance_scale", guidance_scale)
     eta_f = check_float("eta", eta)
     if eta_f < 0:
@@ -109,6 +115,8 @@ def check_sampling(
         "width": wd,
         "seeds": check_seeds(seeds, "seeds", max_seed=SEED_MAX_64),
         "eta": eta_f,
+        "perp_neg_start": window[0],
+        "perp_neg_stop": window[1],
     }
 
 

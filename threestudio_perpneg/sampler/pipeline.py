@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..common.checks import SEED_MAX_64, check_int, check_text
 from ..common.io import to_jsonable
+from ..core.controls import step_in_window
 from ..core.guidance import perp_neg_guidance
 from ..core.text import view_prompts
 from ..core.views import VIEW_NAMES
@@ -250,6 +251,8 @@ class PerpNegSampler:
         seeds: Sequence[int] = (0,),
         eta: float = 0.0,
         progress: bool = True,
+        perp_neg_start: float = 0.0,
+        perp_neg_stop: float = 1.0,
     ) -> GenerationResult:
         r"""Generates one image per seed from a main prompt and weighted extra prompts.
 
@@ -276,6 +279,11 @@ class PerpNegSampler:
                 ``torch.Generator`` on the pipeline's device.
             eta (`float`, defaults to 0.0): DDIM η, passed only to schedulers that accept it.
             progress (`bool`, defaults to `True`): show a tqdm progress bar on stderr.
+            perp_neg_start (`float`, defaults to 0.0), perp_neg_stop (`float`, defaults to 1.0):
+                fractions of the denoising steps where ``perpneg`` negatives are evaluated, as
+                diffusers' guiders count them (step i of N is in when int(start·N) <= i <
+                int(stop·N)); the other steps are plain guidance on the positives and run no
+                negative rows. ``cebm`` and ``sd`` modes have no negative rows and ignore them.
 
         Returns:
             [`GenerationResult`].
@@ -292,7 +300,14 @@ class PerpNegSampler:
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {negative_prompt!r}")
         sampling = self._check_sampling(
-            num_inference_steps, guidance_scale, height, width, seeds, eta
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            seeds,
+            eta,
+            perp_neg_start,
+            perp_neg_stop,
         )
         main = _Branch(prompt, self.encode(prompt), w[0])
         sd_positive = None
@@ -342,7 +357,8 @@ class PerpNegSampler:
                 replaces the scheme's view negatives (views not named get weight 0).
             extra_prompts, weights, mode: as in :meth:`generate`.
             **generate_kwargs: ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
-                ``height``, ``width``, ``seeds``, ``eta``, ``progress`` as in :meth:`generate`.
+                ``height``, ``width``, ``seeds``, ``eta``, ``progress``, ``perp_neg_start``,
+                ``perp_neg_stop`` as in :meth:`generate`.
 
         Raises:
             `ValueError`: naming ``view`` / ``azimuth`` (both or neither given, unknown view,
@@ -508,25 +524,29 @@ class PerpNegSampler:
             extra["generator"] = generators
 
         calls = 0
+        window = (sampling["perp_neg_start"], sampling["perp_neg_stop"])
         iterator: Any = timesteps
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(timesteps, desc=f"{mode} ({n} image(s), {n_branches * n} rows)")
-        for t in iterator:
-            model_input = torch.cat([latents] * n_branches)
+        for i, t in enumerate(iterator):
+            # Outside [start, stop) the negatives' rows (the last ones) are not run at all.
+            with_neg = n_neg > 0 and step_in_window(i, len(timesteps), *window)
+            rows = n_branches if with_neg else 1 + n_pos
+            model_input = torch.cat([latents] * rows)
             model_input = scheduler.scale_model_input(model_input, t)
-            out = unet(model_input, t, encoder_hidden_states=emb, return_dict=False)[0]
+            out = unet(model_input, t, encoder_hidden_states=emb[: rows * n], return_dict=False)[0]
             calls += 1
-            out = out.reshape(n_branches, n, *out.shape[1:])
+            out = out.reshape(rows, n, *out.shape[1:])
             eps_u = out[0]
             eps_pos = out[1 : 1 + n_pos].transpose(0, 1)  # [n, P, C, h, w]
-            eps_neg = out[1 + n_pos :].transpose(0, 1) if n_neg else None  # [n, K, C, h, w]
+            eps_neg = out[1 + n_pos :].transpose(0, 1) if with_neg else None  # [n, K, C, h, w]
             noise = perp_neg_guidance(
                 eps_u,
                 eps_pos,
                 eps_neg,
-                neg_w if n_neg else None,
+                neg_w if with_neg else None,
                 scale,
                 pos_weights=pos_w,
             )

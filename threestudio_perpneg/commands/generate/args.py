@@ -15,6 +15,7 @@ from ..common import (
     add_size_arguments,
     device_arg,
     finite_float,
+    fraction_arg,
     positive_int,
     split_text_weight,
 )
@@ -342,6 +343,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "the recorded device)",
     )
     m.add_argument("--fp16", action="store_true", help="half-precision weights (GPU)")
+    m.add_argument(
+        "--perp-neg-start",
+        type=fraction_arg,
+        default=0.0,
+        metavar="F",
+        help="fraction of the denoising steps before which negatives are off (default: 0)",
+    )
+    m.add_argument(
+        "--perp-neg-stop",
+        type=fraction_arg,
+        default=1.0,
+        metavar="F",
+        help="fraction of the denoising steps from which negatives are off (default: 1)",
+    )
 
     o = p.add_argument_group("output and replay")
     o.add_argument(

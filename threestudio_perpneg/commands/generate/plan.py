@@ -121,6 +121,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
             fail("--scheme", "only with --view, --azimuth or --sweep")
     if args.azimuths is not None and not args.sweep:
         fail("--azimuths", "only with --sweep (use --azimuth for single views)")
+    if args.perp_neg_start > args.perp_neg_stop:  # issue 12
+        lo, hi = args.perp_neg_start, args.perp_neg_stop
+        fail("--perp-neg-start", f"expected <= --perp-neg-stop, got {lo:g} > {hi:g}")
     modes = list(args.modes) if args.modes else [args.mode or "perpneg"]
     scheme = args.scheme or "threestudio"
 
@@ -133,6 +136,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "height": args.height,
         "width": args.width,
         "eta": args.eta,
+        "perp_neg_start": args.perp_neg_start,
+        "perp_neg_stop": args.perp_neg_stop,
     }
     view_kwargs: Dict[str, Any] = {
         "elevation": args.elevation,

@@ -9,9 +9,6 @@ Each row of the table in ``docs/bad-inputs.md`` has an id (first column) and is 
 * ``LIB_ROWS``: a library call; it must raise the row's exception with the message the table
   quotes.
 * ``RECOVERY``: documented recoveries (a test here, or an existing test named in the table).
-* Rows marked ``needs_l`` wait for fixes in modules another change owns (generate / eval2d /
-  eval3d / sweep); their table cell says what today's answer is and these tests fail until the
-  fix lands (they check the expected shape of the answer, not a quoted line).
 """
 
 from __future__ import annotations
@@ -39,11 +36,10 @@ class Cli(NamedTuple):
     argv: Tuple[str, ...]
     code: int
     needles: Tuple[str, ...]  # the argument and what was expected, at least
-    needs_l: bool = False
 
 
-def _c(id: str, argv: Sequence[str], code: int, *needles: str, needs_l: bool = False) -> Cli:
-    return Cli(id, tuple(argv), code, tuple(needles), needs_l)
+def _c(id: str, argv: Sequence[str], code: int, *needles: str) -> Cli:
+    return Cli(id, tuple(argv), code, tuple(needles))
 
 
 CLI_ROWS: List[Cli] = [
@@ -69,8 +65,8 @@ CLI_ROWS: List[Cli] = [
     _c("S19", ["smoke", "--model", "emptydir", "--out", "o"], 2, "--model", "emptydir"),
     _c("S20", ["smoke", "--model", "afile"], 2, "--model", "afile", "folder"),
     _c("S21", ["smoke", "--model", "nounet", "--out", "o"], 2, "--model", "nounet", "unet/"),
-    _c("S22", ["smoke", "--out", "afile"], 2, "--out", "afile", "existing file"),
-    _c("S23", ["smoke", "--out", "afile/sub"], 2, "--out", "afile/sub", "is a file"),
+    _c("S22", ["smoke", "--out", "afile"], 2, "--out", "afile", "expected a folder"),
+    _c("S23", ["smoke", "--out", "afile/sub"], 2, "--out", "afile/sub", "expected a folder"),
     _c("S24", ["smoke", "--out", "tinyfile"], 2, "--out", "tiny-sd", "is a file"),
     _c("S25", ["smoke", "--out", "griddir"], 2, "--out", "grid.png", "is a folder"),
     _c("S26", ["smoke", "--out", "cachefile"], 2, "--out", "cache", "is a file"),
@@ -86,8 +82,8 @@ CLI_ROWS: List[Cli] = [
     _c("G7", ["generate", "a corgi", "--height", "63"], 2, "--height", "multiple of 8"),
     _c("G8", ["generate", "a corgi", "--model", "no/such/model"], 2, "--model", "no/such/model"),
     _c("G9", ["generate", "a corgi", "--model", "emptydir"], 2, "--model", "model_index.json"),
-    _c("G10", ["generate", "a corgi", "--out", "afile"], 2, "--out", "afile", "folder"),
-    _c("G11", ["generate", "a corgi", "--out", "afile/sub"], 2, "--out", "afile", needs_l=True),
+    _c("G10", ["generate", "a corgi", "--out", "afile"], 2, "--out", "afile", "expected a folder"),
+    _c("G11", ["generate", "a corgi", "--out", "afile/sub"], 2, "--out", "afile", "a folder"),
     _c("G12", ["generate", "--replay", "afile"], 2, "--replay", "afile", "JSON"),
     _c(
         "G13",
@@ -95,28 +91,29 @@ CLI_ROWS: List[Cli] = [
         2,
         "--out",
         "images",
-        needs_l=True,
+        "expected a folder",
     ),
+    _c("G14", ["generate", "a", "--out", "tinyfile"], 2, "--out", "tiny-sd", "expected a folder"),
     # -------------------------------------------------------------------------- eval2d
     _c("E1", ["eval2d", "--prompts", "|"], 2, "--prompts", "'|'"),
     _c("E2", ["eval2d", "--prompts", "a corgi", "--views", "up"], 2, "--views", "'up'", "front"),
     _c("E3", ["eval2d", "--prompts", "a corgi", "--seeds", "x"], 2, "--seeds", "'x'"),
     _c("E4", ["eval2d", "--prompts-file", "no/such.txt"], 2, "--prompts-file", "no/such.txt"),
-    _c("E5", ["eval2d", "--prompts", "a corgi", "--out", "afile"], 2, "--out", "afile"),
-    _c("E6", ["eval2d", "--prompts", "a", "--out", "afile/sub"], 2, "--out", "afile", needs_l=True),
+    _c("E5", ["eval2d", "--prompts", "a corgi", "--out", "afile"], 2, "--out", "afile", "a folder"),
+    _c("E6", ["eval2d", "--prompts", "a", "--out", "afile/sub"], 2, "--out", "afile", "a folder"),
     # -------------------------------------------------------------------------- eval3d
     _c("J1", ["eval3d", "no/such", "--out", "x"], 2, "no/such", "no such folder"),
     _c("J2", ["eval3d", "afile", "--out", "x"], 2, "afile", ".csv or .json"),
     _c("J3", ["eval3d", "emptydir", "--out", "x"], 2, "emptydir", "manifest"),
     _c("J4", ["eval3d", "man", "--out", "x"], 2, "--object", "man"),
-    _c("J5", ["eval3d", "man", "--object", "a corgi"], 2, "--out", "required", needs_l=True),
+    _c("J5", ["eval3d", "man", "--object", "a corgi"], 2, "--out", "required"),
     _c(
         "J6",
         ["eval3d", "man", "--object", "a corgi", "--out", "afile"],
         2,
         "--out",
         "afile",
-        needs_l=True,
+        "a folder",
     ),
     _c(
         "J7",
@@ -124,7 +121,7 @@ CLI_ROWS: List[Cli] = [
         2,
         "--out",
         "afile",
-        needs_l=True,
+        "a folder",
     ),
     # ---------------------------------------------------------------------------- link
     _c("K1", ["link", "no/such"], 2, "no/such", "does not exist"),
@@ -132,19 +129,19 @@ CLI_ROWS: List[Cli] = [
     _c("K3", ["link", "emptydir"], 2, "emptydir", "launch.py"),
     _c("K4", ["link"], 2, "THREESTUDIO_ROOT", "required"),
     # --------------------------------------------------------------------------- sweep
-    _c("W1", ["sweep", "seeds=abc", "dry_run=true"], 2, "seeds", "'abc'", "0-3,7"),
-    _c("W2", ["sweep", "dry_run=true", "bogus=1"], 2, "bogus", needs_l=True),
-    _c("W3", ["sweep", "dry_run=true", "out_dir=afile"], 2, "out_dir", "afile", needs_l=True),
+    _c("W1", ["sweep", "seeds=abc", "dry_run=true"], 2, "seeds", "'abc'", "range 'a-b'"),
+    _c("W2", ["sweep", "dry_run=true", "bogus=1"], 2, "bogus", "expected one of", "seeds"),
+    _c("W3", ["sweep", "dry_run=true", "out_dir=afile"], 2, "out_dir", "afile", "a folder"),
+    _c("W5", ["sweep", "dry_run=true", "prompts=nope"], 2, "prompts", "'nope'", "paper3d"),
 ]
 
 #: Rows whose input needs a package missing (the "not installed" answers name the extra).
-MISSING_ROWS: Dict[str, Tuple[Tuple[str, ...], str, int, Tuple[str, ...], bool]] = {
+MISSING_ROWS: Dict[str, Tuple[Tuple[str, ...], str, int, Tuple[str, ...]]] = {
     "W4": (
         ("sweep", "dry_run=true"),
         "hydra",
         2,
         ("hydra-core", 'pip install "threestudio-perpneg[sweep]"'),
-        True,
     ),
 }
 
@@ -279,7 +276,6 @@ def _check_answer(
     needles: Sequence[str],
     doc_rows: Dict[str, List[str]],
     scratch: Path,
-    quoted: bool,
 ) -> None:
     lines = err.strip().splitlines()
     assert "Traceback" not in err, err
@@ -287,10 +283,9 @@ def _check_answer(
     assert code == expected_code, f"{id}: exit code {code}, stderr {err!r}"
     for needle in needles:
         assert needle in lines[0], f"{id}: {needle!r} not in {lines[0]!r}"
-    if quoted:
-        answer = doc_rows[id][3]
-        assert answer.startswith(f"exit {expected_code}"), f"{id}: table says {answer!r}"
-        assert _code_span(answer) == _normalise(lines[0], scratch), id
+    answer = doc_rows[id][3]
+    assert answer.startswith(f"exit {expected_code}"), f"{id}: table says {answer!r}"
+    assert _code_span(answer) == _normalise(lines[0], scratch), id
 
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=[r.id for r in CLI_ROWS])
@@ -298,9 +293,7 @@ def test_cli(
     row: Cli, scratch: Path, doc_rows: Dict[str, List[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, err = _run_main(row.argv, capsys)
-    _check_answer(
-        row.id, code, err, row.code, row.needles, doc_rows, scratch, quoted=not row.needs_l
-    )
+    _check_answer(row.id, code, err, row.code, row.needles, doc_rows, scratch)
 
 
 @pytest.mark.parametrize("id", sorted(MISSING_ROWS))
@@ -311,10 +304,10 @@ def test_missing_package(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    argv, module, expected, needles, needs_l = MISSING_ROWS[id]
+    argv, module, expected, needles = MISSING_ROWS[id]
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     code, err = _run_main(argv, capsys)
-    _check_answer(id, code, err, expected, needles, doc_rows, scratch, quoted=not needs_l)
+    _check_answer(id, code, err, expected, needles, doc_rows, scratch)
 
 
 @pytest.mark.parametrize("id", LIB_IDS)

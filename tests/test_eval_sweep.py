@@ -660,3 +660,41 @@ def test_out_dir_inside_a_file_exits_2(
     assert app.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "out_dir:" in err and "is a file" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("job.bogus=1", ["job.bogus", "'job.bogus=1'", "max_steps"]),
+        ("job=nope", ["job:", "'nope'", "2d, 3d"]),
+        ("seeds=[", ["'seeds=['", "KEY=VALUE"]),
+    ],
+)
+def test_hydra_override_errors_are_one_line_exit_2(
+    tmp_path: Path,
+    no_subprocess: None,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    override: str,
+    needles: List[str],
+) -> None:
+    """Hydra's own errors (unknown key or group option, unparsable override) come out as one
+    line naming the key and what was expected, exit code 2; HYDRA_FULL_ERROR, which the entry
+    point sets to catch them, is unset again afterwards."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert app.main([*small(tmp_path), "dry_run=true", override]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("perpneg-sweep: error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_hydra_full_error_set_by_the_user_gets_hydras_exception(
+    tmp_path: Path, no_subprocess: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException, match="job.bogus"):
+        app.main([*small(tmp_path), "dry_run=true", "job.bogus=1"])
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"

@@ -121,7 +121,7 @@ def test_verbose_flag_placement(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("does not exist" in ln for ln in err), err
     assert main(["sweep", "--verbose", "seeds=abc", "dry_run=true"]) == 2
-    assert "seeds: bad seed" in capsys.readouterr().err
+    assert "seeds: 'abc'" in capsys.readouterr().err
     for argv in (["smoke", "--verbose", "--steps", "0"], ["--verbose", "smoke", "--steps", "0"]):
         with pytest.raises(SystemExit) as info:
             main(argv)

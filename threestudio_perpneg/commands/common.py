@@ -229,10 +229,21 @@ def build_tiny(path: Union[str, Path], *, announce: bool = True) -> str:
 
 
 # ------------------------------------------------------------------------------- output paths
-def output_file_slots(folder: Path, names: Tuple[str, ...], arg: str = "--out") -> None:
-    """``ValueError`` (one line) when one of the files ``folder/name`` to be written is a folder."""
+def output_file_slots(
+    folder: Path, names: Tuple[str, ...], arg: str = "--out", *, folders: Tuple[str, ...] = ()
+) -> None:
+    """``ValueError`` (one line) when one of the files ``folder/name`` to be written is a folder,
+    or one of the ``folders`` to be written into (``folder/name/``) is a file: checked before the
+    slow work, so the run does not fail after it."""
     for name in names:
         if (folder / name).is_dir():
             raise ValueError(
                 f"{arg} {str(folder)!r}: cannot write {name}: {str(folder / name)!r} is a folder"
+            )
+    for name in folders:
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise ValueError(
+                f"{arg} {str(folder)!r}: cannot write into {name}/: {str(path)!r} is a file, "
+                "expected a folder"
             )

@@ -102,7 +102,7 @@ def output_folder(
         if ancestor.exists() or ancestor.is_symlink():
             if not ancestor.is_dir():
                 where = "" if ancestor == p else f" (a parent of {str(p)!r})"
-                raise error(f"{key}: {str(ancestor)!r} is a file, not a folder{where}")
+                raise error(f"{key}: {str(ancestor)!r}{where} is a file, expected a folder")
             break
     if create:
         try:

@@ -11,11 +11,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...common.io import output_folder, read_json, save_image_atomic, to_jsonable
 from ..common import (
+    TINY_DIR,
     TINY_SEED,
     TINY_SIZE,
     TINY_STEPS,
     build_tiny,
     first_line,
+    output_file_slots,
     parse_and_run,
     tiny_path,
     versions,
@@ -194,6 +196,15 @@ def _out_folder(path: Any, create: bool = True) -> Path:
         fail("--out", str(err).split(": ", 1)[1])
 
 
+def _check_slots(out: Path, files: Tuple[str, ...], folders: Tuple[str, ...]) -> None:
+    """The files and folders a run writes under ``--out`` are not in the way of each other
+    (checked before sampling, so a long run does not fail at its first write)."""
+    try:
+        output_file_slots(out, files, "--out", folders=folders)
+    except ValueError as err:
+        raise GenerateError(f"argument {err}", 2) from None
+
+
 def _apply_step_and_size_defaults(args: argparse.Namespace) -> Optional[str]:
     """``--steps`` / ``--height`` / ``--width`` not given: 50 steps at the model's size, or with
     the tiny random model (no ``--model``) its small size and few steps; returns the note that
@@ -223,6 +234,9 @@ def _generate(args: argparse.Namespace) -> Dict[str, Any]:
     plan = make_plan(args)
     device, dtype = _resolve_device(args.device, bool(args.fp16))
     out = _out_folder(args.out or "perpneg_out", create=False)
+    _check_slots(
+        out, (GRID_NAME, SIDECAR_NAME), (IMAGES_DIR,) + (() if args.model else (TINY_DIR,))
+    )
     if args.model is not None:
         _prepare_model(args.model, out)  # a missing --model folder fails before anything is written
     _out_folder(out)
@@ -331,6 +345,10 @@ def _replay(args: argparse.Namespace) -> Dict[str, Any]:
         chosen = [int(hits[0]["batch"])]
 
     out = _out_folder(args.out if args.out else src_dir / "replay")
+    rebuilds = args.model is None and bool(settings.get("random_model"))
+    _check_slots(
+        out, (GRID_NAME, REPLAY_SIDECAR_NAME), (IMAGES_DIR,) + ((TINY_DIR,) if rebuilds else ())
+    )
     fp16 = settings.get("dtype") == "float16"
     device, dtype = _resolve_device(args.device or settings.get("device"), fp16)
     model = args.model

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
+from ...commands.common import OneLineParser
 from ...commands.quiet import add_verbose_argument
 from ...common.checks import check_float, check_int
 from ...common.io import output_folder
@@ -26,8 +27,8 @@ TINY_CLIP_NOTE = (
 
 
 def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentParser:
-    """Parser of the ``eval3d`` command."""
-    p = argparse.ArgumentParser(
+    """Parser of the ``eval3d`` command (usage errors are one line, as in every command)."""
+    p = OneLineParser(
         prog=prog,
         description="Janus evaluator: classify the test renders of threestudio trials (or image "
         "folders with an azimuth manifest) into front/side/back with zero-shot CLIP, score them "

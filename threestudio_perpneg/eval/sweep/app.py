@@ -35,6 +35,7 @@ their public names.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -128,6 +129,38 @@ def _out_dir_problem(overrides: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _one_line(text: str) -> str:
+    """Hydra's multi-line message as one line (its config search path left out)."""
+    lines = [ln.strip() for ln in text.split("Config search path:", 1)[0].splitlines()]
+    return "; ".join(ln for ln in lines if ln)
+
+
+def _hydra_error(err: Exception, overrides: Sequence[str]) -> str:
+    """One line for an error of Hydra's composition of the config (an unknown key or config
+    group option, an override that does not parse): it names the key, the value and what was
+    expected."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return f"{group}: unknown option {option!r}, expected one of {', '.join(err.options)}"
+    if isinstance(err, OverrideParseException):
+        reason = err.message.strip().splitlines()[0] if err.message.strip() else "bad syntax"
+        return f"{err.override!r}: {reason} (expected a Hydra override KEY=VALUE)"
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    parent = getattr(cause, "parent_node", None)
+    if key and parent is not None and "not in struct" in str(cause):
+        given = [o for o in overrides if o.split("=", 1)[0] == key]
+        known = ", ".join(str(k) for k in parent.keys() if k != "hydra")
+        value = f" in {given[-1]!r}" if given else ""
+        return f"{key}: unknown key{value}, expected one of {known} (+{key}=... adds a new key)"
+    key = getattr(err, "full_key", None)
+    if key:  # an OmegaConf error (e.g. an interpolation): its first line and the key
+        return f"{str(err).strip().splitlines()[0]} (in {key})"
+    return _one_line(str(err))
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Hydra entry point: ``python -m threestudio_perpneg.eval.sweep [overrides] [-m]``.
 
@@ -152,12 +185,29 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     # An absolute config_path: Hydra reads conf/ as files (a module path would need conf/ to be
     # an importable package).
     entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     sys.argv = [prog or (saved[0] if saved else PROG), *args]
+    # Hydra prints its own errors over several lines and exits 1; with HYDRA_FULL_ERROR it
+    # raises them instead, so a bad override gets our one line and exit code 2. A user who set
+    # HYDRA_FULL_ERROR gets Hydra's full error, as Hydra documents.
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_error:
+            raise
+        print(f"{PROG}: error: {_hydra_error(err, args)}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     return 0

@@ -19,7 +19,6 @@ texture (used by the 3D protocol's learnable texture) and deterministic.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -248,7 +247,7 @@ def render(
     elevation_deg: Union[Tensor, Sequence[float]],
     camera_distance: Union[float, Tensor] = DEFAULT_DISTANCE,
     size: int = 32,
-    fovy_deg: float = DEFAULT_FOVY,
+    fovy_deg: Union[float, Tensor] = DEFAULT_FOVY,
     background: float = DEFAULT_BACKGROUND,
     *,
     shading: bool = True,
@@ -264,7 +263,7 @@ def render(
         camera_distance: distance of the camera from the head centre (world units; the head
             has radius 1), a number or ``[B]``; must exceed 1. Default 3.
         size: image side in pixels.
-        fovy_deg: vertical field of view in degrees, in (0, 180). Default 45.
+        fovy_deg: vertical field of view in degrees, in (0, 180), a number or ``[B]``. Default 45.
         background: grey level of the background in [0, 1]. Default 1 (white).
         shading: multiply the texture by a head-light Lambert term (ambient 0.55), a 3D cue.
         supersample: rays per pixel side, averaged (anti-aliased silhouette). Default 2.
@@ -283,8 +282,9 @@ def render(
         raise ValueError(f"camera_distance: expected values > {HEAD_RADIUS}, got {dist.tolist()}")
     size = _check_size("size", size, 1)
     ss = _check_size("supersample", supersample, 1)
-    if not 0.0 < float(fovy_deg) < 180.0:
-        raise ValueError(f"fovy_deg: expected a value in (0, 180) degrees, got {fovy_deg!r}")
+    fovy = _as_batch("fovy_deg", fovy_deg, n)
+    if ((fovy <= 0.0) | (fovy >= 180.0)).any():
+        raise ValueError(f"fovy_deg: expected values in (0, 180) degrees, got {fovy.tolist()}")
     if not 0.0 <= float(background) <= 1.0:
         raise ValueError(f"background: expected a grey level in [0, 1], got {background!r}")
     if texture.dim() == 4 and texture.shape[0] != n:
@@ -293,7 +293,7 @@ def render(
             f"got {tuple(texture.shape)}"
         )
     device = texture.device
-    az, el, dist = az.to(device), el.to(device), dist.to(device)
+    az, el, dist, fovy = az.to(device), el.to(device), dist.to(device), fovy.to(device)
     a, e = torch.deg2rad(az), torch.deg2rad(el)
     origin = torch.stack(
         [torch.cos(e) * torch.cos(a), torch.cos(e) * torch.sin(a), torch.sin(e)], -1
@@ -309,13 +309,11 @@ def render(
     up = torch.linalg.cross(right, lookat)
 
     m = size * ss
-    half = math.tan(math.radians(float(fovy_deg)) / 2.0)
-    coords = ((torch.arange(m, dtype=torch.float32, device=device) + 0.5) / m * 2.0 - 1.0) * half
+    half = torch.tan(torch.deg2rad(fovy) / 2.0)[:, None, None, None]  # [B, 1, 1, 1]
+    coords = (torch.arange(m, dtype=torch.float32, device=device) + 0.5) / m * 2.0 - 1.0
     ys, xs = torch.meshgrid(-coords, coords, indexing="ij")  # row 0 is the top of the image
-    dirs = (
-        lookat[:, None, None, :]
-        + xs[None, :, :, None] * right[:, None, None, :]
-        + ys[None, :, :, None] * up[:, None, None, :]
+    dirs = lookat[:, None, None, :] + half * (
+        xs[None, :, :, None] * right[:, None, None, :] + ys[None, :, :, None] * up[:, None, None, :]
     )
     dirs = F.normalize(dirs, dim=-1)  # [B, m, m, 3]
     o = origin[:, None, None, :]

@@ -167,3 +167,58 @@ def test_bad_config_names_the_key() -> None:
         P3.Protocol3DConfig(batch_size=0)
     with pytest.raises(ValueError, match="min_step_percent"):
         P3.Protocol3DConfig(min_step_percent=0.9, max_step_percent=0.1)
+
+
+class _FaceEverywhere:
+    """A classifier stand-in that sees a front and the identity 'robot' in every view."""
+
+    def classify(self, images):
+        n = images.shape[0]
+        return type("C", (), {"views": ["front"] * n, "identities": ["robot"] * n})()
+
+
+def test_table_rows_count_the_objects_and_rings_are_drawn(prior: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    base = P3.Protocol3DConfig(steps=1, texture_size=8, ring_views=8)
+    methods = [P3.MethodSpec("vanilla", 1), P3.MethodSpec("ours", 1, "authors")]
+    rows, results = P3.run_table3d(
+        prior,
+        _FaceEverywhere(),
+        [0, 1],
+        methods=methods,
+        base=base,
+        identities=("robot", "clown"),
+        progress=False,
+    )
+    assert [(r["method"], r["batch"], r["scheme"], r["seeds"]) for r in rows] == [
+        ("vanilla", 1, None, 2),
+        ("ours", 1, "authors", 2),
+    ]
+    for row in rows:
+        # Fronts everywhere: every object is Janus (front at the back cameras) and keeps its front.
+        assert row["janus"] == 2 and row["front_kept"] == 2
+        assert row["view_accuracy"] == {"front": 1.0, "side": 0.0, "back": 0.0}
+        assert row["identity_agreement"] == 0.5  # seed 0 asked for robot, seed 1 for clown
+    out = P3.save_rings(tmp_path / "rings.png", results, max_seeds=1, zoom=2)
+    with Image.open(out) as im:
+        assert im.size == (150 + 8 * 32, 2 * (32 + 14) + 14)
+
+
+@pytest.mark.parametrize("identity", ["alien", "troll"])
+def test_shipped_classifier_flags_a_two_faced_head_and_not_a_normal_one(identity: str) -> None:
+    from threestudio_perpneg.testbed import scenes
+    from threestudio_perpneg.testbed.classifier import load_classifier
+
+    clf = load_classifier()
+    tex = scenes.identity_texture(identity, 32)
+    w = tex.shape[-1]
+    # A second face: the back half (|azimuth| > 90) replaced by the front half turned around.
+    two = tex.clone()
+    rolled = torch.roll(tex, w // 2, dims=-1)
+    two[..., : w // 4], two[..., 3 * w // 4 :] = rolled[..., : w // 4], rolled[..., 3 * w // 4 :]
+    az = P3.ring_azimuths(12)
+    for texture, janus in ((tex, False), (two, True)):
+        ring = scenes.render(texture, torch.tensor(az), torch.zeros(12), 3.0, size=16)
+        got_janus, kept, _, _, _ = P3.score_ring(az, clf.classify(ring).views)
+        assert (got_janus, kept) == (janus, True)

@@ -23,11 +23,12 @@ prior never saw overhead views, so the protocol keeps to views it knows.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -46,6 +47,10 @@ __all__ = [
     "score_ring",
     "run_object",
     "prompt_bank",
+    "MethodSpec",
+    "PROTOCOL_METHODS",
+    "run_table3d",
+    "save_rings",
 ]
 
 METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours")
@@ -158,6 +163,8 @@ class ObjectResult(NamedTuple):
         losses: SDS loss per step.
         texture: the final texture ``[3, H, 2H]`` in [0, 1]; ring_images: ``[n, 3, R, R]``.
         seconds: wall time of the optimisation.
+        identity_agreement: fraction of ring views classified as the prompted identity (None
+            when no identity was given or the classifier reports none).
     """
 
     janus: bool
@@ -172,6 +179,7 @@ class ObjectResult(NamedTuple):
     texture: Tensor
     ring_images: Tensor
     seconds: float
+    identity_agreement: Optional[float] = None
 
 
 def sample_cameras(
@@ -225,8 +233,6 @@ def score_ring(
 
 def _prior_camera_ranges(prior_path: PathLike) -> Tuple[Tuple[float, float], float, float]:
     """(distance range, fovy, background) of the prior's training data, from its testbed.json."""
-    import json
-
     from .dataset import DatasetConfig
 
     meta = Path(prior_path) / "testbed.json"
@@ -246,6 +252,7 @@ def run_object(
     *,
     engine: Any = None,
     bank: Optional[PromptBank] = None,
+    identity: Optional[str] = None,
     progress: bool = False,
 ) -> ObjectResult:
     """Optimise one texture by SDS and score its ring.
@@ -259,6 +266,7 @@ def run_object(
         engine: a ready :class:`~threestudio_perpneg.engines.pixel.PerpNegIFEngine` (loaded from
             ``prior_path`` if None; pass one to reuse it across seeds).
         bank: the prompt's :class:`PromptBank` (encoded with the prior's text encoder if None).
+        identity: the identity word the prompt names, to score ``identity_agreement``.
         progress: show a tqdm bar.
     """
     from ..engines.pixel import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
@@ -347,8 +355,13 @@ def run_object(
         fovy_deg=sum(fovy_range) / 2.0,
         background=background,
     )
-    labels = list(classifier.classify(ring).views)
+    predicted = classifier.classify(ring)
+    labels = list(predicted.views)
     janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, cfg.ring_elevation_deg)
+    ring_ids = getattr(predicted, "identities", None)
+    agreement = (
+        sum(i == identity for i in ring_ids) / len(ring_ids) if identity and ring_ids else None
+    )
     return ObjectResult(
         janus=janus,
         front_kept=front_kept,
@@ -362,6 +375,7 @@ def run_object(
         texture=texture,
         ring_images=ring,
         seconds=seconds,
+        identity_agreement=agreement,
     )
 
 
@@ -370,3 +384,156 @@ def prompt_bank(prior_path: str, prompt: str) -> PromptBank:
     views = view_prompts(prompt)
     emb = text_embeddings(prior_path, [prompt, "", *views], None, use_cache=False)
     return PromptBank.from_embeddings(emb, prompt, "", views)
+
+
+class MethodSpec(NamedTuple):
+    """One row of the 3D table: method, cameras per step and Perp-Neg scheme (None if unused)."""
+
+    method: str
+    batch_size: int
+    scheme: Optional[str] = None
+
+
+#: The issue's rows available so far (threestudio's built-in pairing comes in a later step).
+PROTOCOL_METHODS: Tuple[MethodSpec, ...] = (
+    MethodSpec("noview", 4),
+    MethodSpec("vanilla", 1),
+    MethodSpec("vanilla", 4),
+    MethodSpec("ours", 1, "threestudio"),
+    MethodSpec("ours", 4, "threestudio"),
+    MethodSpec("ours", 1, "authors"),
+    MethodSpec("ours", 4, "authors"),
+)
+
+
+def run_table3d(
+    prior_path: PathLike,
+    classifier: Any,
+    seeds: Sequence[int],
+    *,
+    methods: Sequence[MethodSpec] = PROTOCOL_METHODS,
+    base: Optional[Protocol3DConfig] = None,
+    identities: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> Tuple[List[Dict[str, Any]], Dict[MethodSpec, List[ObjectResult]]]:
+    """Every method on the same seeds; seed ``k`` prompts identity ``identities[k % n]``.
+
+    Returns:
+        (rows, results): one row per method with ``method, batch, scheme, seeds, janus``
+        (count), ``front_kept`` (count), ``view_accuracy`` (mean per bucket over seeds),
+        ``identity_agreement`` (mean), ``unet_rows_per_step`` (mean) and ``seconds``; and the
+        objects themselves per method.
+    """
+    from ..engines.pixel import PerpNegIFEngine, load_deepfloyd_if
+    from .dataset import DatasetConfig, base_prompt
+
+    base = base or Protocol3DConfig()
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed, got none")
+    meta = Path(prior_path) / "testbed.json"
+    data = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    dataset = DatasetConfig.from_dict(data["dataset"]) if "dataset" in data else DatasetConfig()
+    idents = tuple(identities or dataset.identities)
+    engine = PerpNegIFEngine(*load_deepfloyd_if(str(prior_path)))
+    banks = {i: prompt_bank(str(prior_path), base_prompt(dataset, i)) for i in idents}
+    rows: List[Dict[str, Any]] = []
+    results: Dict[MethodSpec, List[ObjectResult]] = {}
+    for spec in methods:
+        objects = []
+        for seed in seeds:
+            ident = idents[int(seed) % len(idents)]
+            cfg = Protocol3DConfig(
+                **{
+                    **base.to_dict(),
+                    "method": spec.method,
+                    "batch_size": spec.batch_size,
+                    "scheme": spec.scheme or base.scheme,
+                    "seed": int(seed),
+                }
+            )
+            objects.append(
+                run_object(
+                    cfg,
+                    prior_path,
+                    classifier,
+                    base_prompt(dataset, ident),
+                    engine=engine,
+                    bank=banks[ident],
+                    identity=ident,
+                    progress=progress,
+                )
+            )
+        results[spec] = objects
+        acc = {v: _mean([o.view_accuracy[v] for o in objects]) for v in ("front", "side", "back")}
+        agreement = [o.identity_agreement for o in objects if o.identity_agreement is not None]
+        rows.append(
+            {
+                "method": spec.method,
+                "batch": spec.batch_size,
+                "scheme": spec.scheme,
+                "seeds": len(objects),
+                "janus": sum(o.janus for o in objects),
+                "front_kept": sum(o.front_kept for o in objects),
+                "view_accuracy": acc,
+                "identity_agreement": _mean(agreement) if agreement else None,
+                "unet_rows_per_step": _mean([o.unet_rows_per_step for o in objects]),
+                "seconds": round(sum(o.seconds for o in objects), 1),
+            }
+        )
+    return rows, results
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def save_rings(
+    path: PathLike,
+    results: Mapping[MethodSpec, Sequence[ObjectResult]],
+    *,
+    max_seeds: int = 3,
+    zoom: int = 4,
+) -> Path:
+    """Draw per method the labelled rings of its first seeds into a PNG (written atomically).
+
+    Each ring is one row of views (azimuth 0 first) with the classifier's label under each view
+    (upper case where it disagrees with the camera's true bucket) and the Janus / front-kept
+    verdict at the left.
+    """
+    from PIL import Image, ImageDraw
+
+    from ..commands.common import atomic_write
+
+    rows = [(spec, o) for spec, objs in results.items() for o in list(objs)[:max_seeds]]
+    if not rows:
+        raise ValueError("results: expected at least one object, got none")
+    n = len(rows[0][1].ring_azimuths)
+    cell = rows[0][1].ring_images.shape[-1] * zoom
+    left, text_h = 150, 14
+    width, height = left + n * cell, len(rows) * (cell + text_h) + text_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, a in enumerate(rows[0][1].ring_azimuths):
+        draw.text((left + k * cell + 2, 0), f"{a:g}", fill="black")
+    for r, (spec, obj) in enumerate(rows):
+        y = text_h + r * (cell + text_h)
+        name = spec.method + (f"/{spec.scheme}" if spec.scheme else "")
+        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
+        draw.text((2, y + 2), f"{name} b{spec.batch_size}", fill="black")
+        draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
+        imgs = (obj.ring_images.clamp(0, 1) * 255).round().to(torch.uint8)
+        for k in range(n):
+            tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize(
+                (cell, cell), Image.NEAREST
+            )
+            canvas.paste(tile, (left + k * cell, y))
+            lab, true = obj.ring_labels[k], obj.ring_truth[k]
+            draw.text(
+                (left + k * cell + 2, y + cell),
+                lab if lab == true else lab.upper(),
+                fill="black" if lab == true else "red",
+            )
+    out = Path(path)
+    atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    return out

@@ -59,14 +59,28 @@ def test_scores_follow_the_eval_classifier_protocol(shipped: C.TestbedClassifier
         for im in images
     ]
     s = shipped.scores(pil, "a cartoon clown head")
-    assert s.shape == (6, len(shipped.labels)) and tuple(shipped.labels) == (
-        "front",
-        "side",
-        "back",
-    )
+    assert s.shape == (6, len(shipped.labels))
+    assert tuple(shipped.labels) == ("front", "side", "back", C.REJECT)
     assert torch.allclose(s, shipped.classify(images).view_probs, atol=0.05)
     with pytest.raises(ValueError, match=r"images\[0\]"):
         shipped.scores(["not an image"], "x")
+
+
+def test_textures_without_a_head_are_not_read_as_a_front(shipped: C.TestbedClassifier) -> None:
+    # Written here, unlike the training rejects: texel noise, a uniform grey and smooth stripes.
+    g = torch.Generator().manual_seed(2024)
+    textures = [torch.rand(3, 32, 64, generator=g) for _ in range(4)]
+    textures.append(torch.full((3, 32, 64), 0.5))
+    phi = torch.linspace(0, 6.283, 64)
+    textures.append((0.5 + 0.4 * torch.sin(3 * phi)).expand(3, 32, 64).clone())
+    az = torch.tensor([0.0, 90.0, 180.0, -90.0])
+    images = torch.cat([scenes.render(t, az, torch.zeros(4), size=16) for t in textures])
+    views = shipped.classify(images).views
+    assert sum(v == "front" for v in views) <= 2, views
+    assert sum(v == C.REJECT for v in views) >= 0.75 * len(views), views
+    # Real heads are not rejected.
+    heads, _, _ = _fresh(200, seed=5, size=16)
+    assert sum(v == C.REJECT for v in shipped.classify(heads).views) <= 2
 
 
 def test_shipped_metrics_and_recipe_are_recorded() -> None:

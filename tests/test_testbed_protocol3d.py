@@ -61,6 +61,10 @@ def test_score_ring_on_hand_built_rings() -> None:
     az, labels = _ring(lambda a: "back" if abs(a) < 45 or abs(a) > 135 else "side")
     janus, kept, acc, _, _ = P3.score_ring(az, labels)
     assert (janus, kept) == (False, False) and acc["front"] == 0.0 and acc["back"] == 1.0
+    # "none" (no head view) is not a front and a miss for the accuracy.
+    az, labels = _ring(lambda a: "none" if abs(a) > 135 else _truth(a))
+    janus, kept, acc, _, _ = P3.score_ring(az, labels)
+    assert (janus, kept) == (False, True) and acc["back"] == 0.0 and acc["side"] == 1.0
     # Two separate front runs on the sides.
     az, labels = _ring(lambda a: "front" if a in (90.0, -90.0) else "side")
     assert P3.score_ring(az, labels)[0] is True

@@ -27,6 +27,7 @@ from ..core.views import ViewThresholds
 from . import scenes
 
 __all__ = [
+    "REJECT",
     "ClassifierConfig",
     "Classification",
     "ViewIdentityNet",
@@ -34,11 +35,14 @@ __all__ = [
     "classifier_path",
     "load_classifier",
     "render_labelled",
+    "render_rejects",
     "evaluate",
     "train_classifier",
 ]
 
 PathLike = Union[str, Path]
+#: Label of images that show no head view (noise, colour fields): never a front.
+REJECT = "none"
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
 
@@ -66,6 +70,10 @@ class ClassifierConfig:
         batch_size: renders per step. Default 96.
         lr: AdamW learning rate (cosine decay to 0). Default 3e-3.
         pool_size: distinct training renders (re-augmented every step). Default 24000.
+        reject_fraction: share of the pool that shows no head view (random noise and colour
+            fields on the sphere, or a texture mostly overwritten by them), labelled
+            :data:`REJECT`, so an unfinished or garbled texture is not read as a front. 0 drops
+            the class. Default 0.2.
     """
 
     resolution: int = 16
@@ -80,6 +88,7 @@ class ClassifierConfig:
     batch_size: int = 96
     lr: float = 3e-3
     pool_size: int = 24000
+    reject_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         for key, lo in (
@@ -121,6 +130,14 @@ class ClassifierConfig:
             raise ValueError(f"lr: expected a learning rate in (0, 1), got {self.lr!r}")
         if not isinstance(self.fovy_deg, (int, float)) or not 1.0 <= float(self.fovy_deg) <= 170.0:
             raise ValueError(f"fovy_deg: expected degrees in [1, 170], got {self.fovy_deg!r}")
+        rf = self.reject_fraction
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not 0.0 <= rf < 1.0:
+            raise ValueError(f"reject_fraction: expected a number in [0, 1), got {rf!r}")
+
+    @property
+    def labels(self) -> Tuple[str, ...]:
+        """Output classes of the view head: the views, then :data:`REJECT` if trained."""
+        return self.views + ((REJECT,) if self.reject_fraction > 0 else ())
 
     def to_dict(self) -> Dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -165,7 +182,7 @@ class ViewIdentityNet(nn.Module):
                 layers.append(nn.AvgPool2d(2))
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.view_head = nn.Linear(c_in, len(cfg.views))
+        self.view_head = nn.Linear(c_in, len(cfg.labels))
         self.identity_head = nn.Linear(c_in, len(cfg.identities))
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -177,8 +194,8 @@ class ViewIdentityNet(nn.Module):
 class Classification(NamedTuple):
     """Predictions of :meth:`TestbedClassifier.classify` for a batch."""
 
-    views: List[str]
-    view_probs: Tensor  # [B, len(views)]
+    views: List[str]  # a view name, or REJECT for an image that shows no head view
+    view_probs: Tensor  # [B, len(labels)]
     identities: List[str]
     identity_probs: Tensor  # [B, len(identities)]
 
@@ -194,7 +211,7 @@ class TestbedClassifier:
     def __init__(self, net: ViewIdentityNet, cfg: ClassifierConfig) -> None:
         self.net = net.eval()
         self.cfg = cfg
-        self.labels: Tuple[str, ...] = cfg.views
+        self.labels: Tuple[str, ...] = cfg.labels
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -216,7 +233,7 @@ class TestbedClassifier:
         v, i = self.logits(images)
         pv, pi = v.softmax(-1), i.softmax(-1)
         return Classification(
-            [self.cfg.views[int(k)] for k in pv.argmax(-1)],
+            [self.labels[int(k)] for k in pv.argmax(-1)],
             pv,
             [self.cfg.identities[int(k)] for k in pi.argmax(-1)],
             pi,
@@ -298,6 +315,39 @@ def render_labelled(
     return images, view, ident, az
 
 
+def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` renders in [0, 1] of the sphere with textures that show no head view.
+
+    Textures are random colour fields at a random scale (2×4 blobs to texel noise, random
+    contrast), and for a third of them the field is laid over an identity texture with opacity
+    0.75-1, the look of a texture that SDS has not finished or has garbled.
+    """
+    size = max(16, cfg.resolution)
+    fields = []
+    for _ in range(n):
+        h = int(2 ** int(torch.randint(1, 6, (), generator=generator)))  # 2 .. 32 texels
+        contrast = 0.3 + 2.7 * float(torch.rand((), generator=generator))
+        noise = torch.randn(1, 3, h, 2 * h, generator=generator) * contrast
+        fields.append(F.interpolate(noise, size=(size, 2 * size), mode="bilinear").sigmoid()[0])
+    tex = torch.stack(fields)
+    ident = torch.randint(len(cfg.identities), (n,), generator=generator)
+    heads = scenes.identity_textures(
+        [cfg.identities[int(i)] for i in ident], size, jitter=1.0, generator=generator
+    )
+    alpha = 0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=generator)
+    overlay = (torch.rand(n, 1, 1, 1, generator=generator) < 1 / 3).float()
+    alpha = overlay * alpha + (1 - overlay)
+    tex = alpha * tex + (1 - alpha) * heads
+    az = torch.rand(n, generator=generator) * 360.0 - 180.0
+    lo, hi = cfg.elevation_range_deg
+    el = lo + (hi - lo) * torch.rand(n, generator=generator)
+    dlo, dhi = cfg.camera_distance_range
+    dist = dlo + (dhi - dlo) * torch.rand(n, generator=generator)
+    return scenes.render(
+        tex, az, el, camera_distance=dist, size=cfg.resolution, fovy_deg=cfg.fovy_deg
+    )
+
+
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     """Noise, blur, contrast/brightness and background changes, as a prior's samples show."""
     n = x.shape[0]
@@ -350,7 +400,7 @@ def evaluate(
     for k, name in enumerate(clf.cfg.views):
         sel = keep & (view == k)
         per_view[name] = float((pv[sel] == k).float().mean()) if sel.any() else math.nan
-    return {
+    metrics: Dict[str, Any] = {
         "n": int(keep.sum()),
         "seed": seed,
         "margin_deg": margin_deg,
@@ -358,9 +408,24 @@ def evaluate(
         "identity_accuracy": float((pi == ident).float().mean()),
         "view_accuracy_per_view": per_view,
     }
+    if REJECT in clf.labels:
+        # Heads read as "no head", and noise textures (fresh draws) read as "no head" / as a front.
+        metrics["heads_rejected"] = float((pv[keep] == clf.labels.index(REJECT)).float().mean())
+        rejects = clf.classify(render_rejects(clf.cfg, max(n // 4, 1), g)).views
+        metrics["rejects_recognised"] = sum(v == REJECT for v in rejects) / len(rejects)
+        metrics["rejects_read_as_front"] = sum(v == "front" for v in rejects) / len(rejects)
+    return metrics
 
 
 # -------------------------------------------------------------------------------- training
+def _masked_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over the rows with a target (>= 0); 0 when there is none."""
+    keep = target >= 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], target[keep])
+
+
 def train_classifier(
     out_dir: PathLike,
     seed: int = 0,
@@ -395,11 +460,18 @@ def train_classifier(
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     pool, pool_view, pool_id = [], [], []
-    for start in range(0, cfg.pool_size, 2000):
-        x, v, i, _ = render_labelled(cfg, min(2000, cfg.pool_size - start), g)
+    n_reject = int(round(cfg.pool_size * cfg.reject_fraction))
+    n_heads = cfg.pool_size - n_reject
+    for start in range(0, n_heads, 2000):
+        x, v, i, _ = render_labelled(cfg, min(2000, n_heads - start), g)
         pool.append(x)
         pool_view.append(v)
         pool_id.append(i)
+    for start in range(0, n_reject, 2000):
+        m = min(2000, n_reject - start)
+        pool.append(render_rejects(cfg, m, g))
+        pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
+        pool_id.append(torch.full((m,), -1))  # no identity: left out of the identity loss
     images, views, idents = torch.cat(pool), torch.cat(pool_view), torch.cat(pool_id)
     data_s = time.time() - t0
     net = ViewIdentityNet(cfg)
@@ -422,9 +494,7 @@ def train_classifier(
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         lv, li = net(x)
         v = views[idx]
-        loss = F.cross_entropy(lv, v.clamp_min(0), reduction="none")[
-            v >= 0
-        ].mean() + F.cross_entropy(li, idents[idx])
+        loss = _masked_ce(lv, v) + _masked_ce(li, idents[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

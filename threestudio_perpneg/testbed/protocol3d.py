@@ -216,13 +216,21 @@ def ring_azimuths(n: int) -> List[float]:
 def score_ring(
     azimuths: List[float], labels: List[str], elevation_deg: float = 0.0
 ) -> Tuple[bool, bool, Dict[str, float], List[str], Dict[str, Any]]:
-    """(janus, front_kept, view accuracy per bucket, true labels, janus flags) of a classified ring."""
+    """(janus, front_kept, view accuracy per bucket, true labels, janus flags) of a classified ring.
+
+    Labels other than view names (the testbed classifier's ``"none"``) count as not-front and as
+    a miss in the view accuracy.
+    """
     from ..eval.janus import janus_flags
 
     truth = scenes.view_label(
         torch.tensor(azimuths), torch.full((len(azimuths),), float(elevation_deg))
     )
-    flags = janus_flags(azimuths, labels, elevations=[elevation_deg] * len(azimuths))
+    # The classifier's "none" (no head view) is not a front; janus_flags only tests for "front",
+    # so any other view name stands in for it there.
+    known = ("front", "side", "back", "overhead")
+    flag_labels = [lab if lab in known else "side" for lab in labels]
+    flags = janus_flags(azimuths, flag_labels, elevations=[elevation_deg] * len(azimuths))
     front_kept = any(abs(a) < 1e-6 and lab == "front" for a, lab in zip(azimuths, labels))
     acc: Dict[str, float] = {}
     for view in ("front", "side", "back"):

@@ -164,6 +164,27 @@ def test_each_method_runs_and_moves_the_texture(
         assert torch.equal(again.texture, res.texture)  # seeded
 
 
+def test_objects_optimised_together_equal_objects_optimised_alone(prior: Path, engine) -> None:
+    cfg = P3.Protocol3DConfig(method="ours", batch_size=2, steps=3, texture_size=8, ring_views=8)
+    clf = _Fixed()
+    together = P3.run_objects(
+        cfg, [5, 9], prior, clf, ["a corgi", "a corgi, front view"], engine=engine
+    )
+    for seed, prompt, obj in zip([5, 9], ["a corgi", "a corgi, front view"], together):
+        alone = P3.run_object(
+            P3.Protocol3DConfig(**{**cfg.to_dict(), "seed": seed}),
+            prior,
+            clf,
+            prompt,
+            engine=engine,
+        )
+        assert torch.allclose(obj.texture, alone.texture, atol=1e-4), (
+            (obj.texture - alone.texture).abs().max()
+        )
+        assert obj.unet_rows_per_step == alone.unet_rows_per_step
+    assert not torch.allclose(together[0].texture, together[1].texture)
+
+
 def test_bad_config_names_the_key() -> None:
     with pytest.raises(ValueError, match="method: unknown method 'dreamfusion'"):
         P3.Protocol3DConfig(method="dreamfusion")
@@ -185,8 +206,12 @@ def test_table_rows_count_the_objects_and_rings_are_drawn(prior: Path, tmp_path:
     from PIL import Image
 
     base = P3.Protocol3DConfig(steps=1, texture_size=8, ring_views=8)
-    methods = [P3.MethodSpec("vanilla", 1), P3.MethodSpec("ours", 1, "authors")]
-    rows, results = P3.run_table3d(
+    from threestudio_perpneg.testbed.table3d import MethodSpec
+
+    methods = [MethodSpec("vanilla", 1), MethodSpec("ours", 1, "authors")]
+    from threestudio_perpneg.testbed import table3d as T3
+
+    rows, results = T3.run_table3d(
         prior,
         _FaceEverywhere(),
         [0, 1],
@@ -204,7 +229,7 @@ def test_table_rows_count_the_objects_and_rings_are_drawn(prior: Path, tmp_path:
         assert row["janus"] == 2 and row["front_kept"] == 2
         assert row["view_accuracy"] == {"front": 1.0, "side": 0.0, "back": 0.0}
         assert row["identity_agreement"] == 0.5  # seed 0 asked for robot, seed 1 for clown
-    out = P3.save_rings(tmp_path / "rings.png", results, max_seeds=1, zoom=2)
+    out = T3.save_rings(tmp_path / "rings.png", results, max_seeds=1, zoom=2)
     with Image.open(out) as im:
         assert im.size == (150 + 8 * 32, 2 * (32 + 14) + 14)
 

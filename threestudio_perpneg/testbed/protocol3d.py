@@ -28,12 +28,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..core.conditioning import PromptBank, step_conditioning
+from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
 from ..core.text import text_embeddings, view_prompts
 from ..core.views import make_scheme
 from . import scenes
@@ -46,11 +46,8 @@ __all__ = [
     "ring_azimuths",
     "score_ring",
     "run_object",
+    "run_objects",
     "prompt_bank",
-    "MethodSpec",
-    "PROTOCOL_METHODS",
-    "run_table3d",
-    "save_rings",
 ]
 
 METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours")
@@ -160,9 +157,9 @@ class ObjectResult(NamedTuple):
         ring_azimuths, ring_labels, ring_truth: the ring's cameras, predicted and true labels.
         flags: the full output of ``janus_flags``.
         unet_rows_per_step: UNet batch rows (branches) per optimisation step, averaged.
-        losses: SDS loss per step.
+        losses: SDS loss per step (of the whole batch of objects optimised together).
         texture: the final texture ``[3, H, 2H]`` in [0, 1]; ring_images: ``[n, 3, R, R]``.
-        seconds: wall time of the optimisation.
+        seconds: wall time of the optimisation (shared equally by objects optimised together).
         identity_agreement: fraction of ring views classified as the prompted identity (None
             when no identity was given or the classifier reports none).
     """
@@ -263,7 +260,7 @@ def run_object(
     identity: Optional[str] = None,
     progress: bool = False,
 ) -> ObjectResult:
-    """Optimise one texture by SDS and score its ring.
+    """Optimise one texture by SDS and score its ring (:func:`run_objects` for one seed).
 
     Args:
         cfg: the run's settings.
@@ -277,14 +274,74 @@ def run_object(
         identity: the identity word the prompt names, to score ``identity_agreement``.
         progress: show a tqdm bar.
     """
+    return run_objects(
+        cfg,
+        [cfg.seed],
+        prior_path,
+        classifier,
+        [prompt],
+        engine=engine,
+        banks=None if bank is None else [bank],
+        identities=[identity],
+        progress=progress,
+    )[0]
+
+
+def _concat(conds: Sequence[StepConditioning]) -> StepConditioning:
+    """One conditioning for several objects' camera batches (negative indices offset)."""
+    offsets, total = [], 0
+    for c in conds:
+        offsets.append(total)
+        total += c.positive.shape[0]
+    return StepConditioning(
+        positive=torch.cat([c.positive for c in conds]),
+        uncond=torch.cat([c.uncond for c in conds]),
+        negative=torch.cat([c.negative for c in conds]),
+        negative_index=torch.cat([c.negative_index + o for c, o in zip(conds, offsets)]),
+        negative_weight=torch.cat([c.negative_weight for c in conds]),
+        view=torch.cat([c.view for c in conds]),
+        perp_neg=conds[0].perp_neg,
+    )
+
+
+def run_objects(
+    cfg: Protocol3DConfig,
+    seeds: Sequence[int],
+    prior_path: PathLike,
+    classifier: Any,
+    prompts: Sequence[str],
+    *,
+    engine: Any = None,
+    banks: Optional[Sequence[PromptBank]] = None,
+    identities: Optional[Sequence[Optional[str]]] = None,
+    progress: bool = False,
+) -> List[ObjectResult]:
+    """Optimise one texture per seed together, in one UNet call per step, and score the rings.
+
+    Each object has its own generator (seeded with its seed) that draws, in order, its texture
+    initialisation and per step its cameras, timesteps and noise, and its own Adam state (Adam
+    is elementwise), and its loss is scaled so its gradient is the one it would get alone: the
+    objects are the same as when run one by one (up to the UNet's batched arithmetic), only
+    cheaper. ``cfg.seed`` is ignored; ``prompts[k]`` (and ``banks[k]``, ``identities[k]``) go
+    with ``seeds[k]``.
+    """
     from ..engines.pixel import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
     from ..engines.sd import SDSSettings
 
+    n_obj = len(seeds)
+    if n_obj == 0 or len(prompts) != n_obj:
+        raise ValueError(
+            f"prompts: expected one prompt per seed ({n_obj} seeds, at least one), got {len(prompts)}"
+        )
     if engine is None:
-        unet, scheduler = load_deepfloyd_if(str(prior_path))
-        engine = PerpNegIFEngine(unet, scheduler)
-    if bank is None:
-        bank = prompt_bank(str(prior_path), prompt)
+        engine = PerpNegIFEngine(*load_deepfloyd_if(str(prior_path)))
+    if banks is None:
+        cache: Dict[str, PromptBank] = {}
+        for p in prompts:
+            if p not in cache:
+                cache[p] = prompt_bank(str(prior_path), p)
+        banks = [cache[p] for p in prompts]
+    ids = list(identities) if identities is not None else [None] * n_obj
     dist_range, fovy, background = _prior_camera_ranges(prior_path)
     dist_range = cfg.camera_distance_range or dist_range
     fovy_range = cfg.fovy_range_deg or (fovy, fovy)
@@ -296,95 +353,112 @@ def run_object(
     )
     n_train = int(engine.scheduler.config.num_train_timesteps)
     min_step, max_step = int(n_train * cfg.min_step_percent), int(n_train * cfg.max_step_percent)
+    size, b = engine.resolution, cfg.batch_size
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    logits = (
-        cfg.init_std * torch.randn(3, cfg.texture_size, 2 * cfg.texture_size, generator=g)
-    ).requires_grad_(True)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    shape = (3, cfg.texture_size, 2 * cfg.texture_size)
+    logits = torch.stack([cfg.init_std * torch.randn(shape, generator=g) for g in gens])
+    logits.requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=cfg.lr)
-    size = engine.resolution
-    rows = 0
+    owner = torch.arange(n_obj).repeat_interleave(b)  # object of each camera row
+    rows = [0] * n_obj
     losses: List[float] = []
     t0 = time.time()
     steps: Any = range(cfg.steps)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(
-            steps, desc=f"{cfg.method} b{cfg.batch_size} seed {cfg.seed}", unit="step", leave=False
-        )
+        desc = f"{cfg.method} b{b} {cfg.scheme if cfg.method == 'ours' else ''} x{n_obj}"
+        steps = tqdm(steps, desc=desc, unit="step", leave=False)
     for _ in steps:
-        el, az, dist, fov = sample_cameras(
-            cfg.batch_size,
-            g,
-            elevation_range_deg=cfg.elevation_range_deg,
-            camera_distance_range=dist_range,
-            fovy_range_deg=fovy_range,
-            batch_uniform_azimuth=cfg.batch_uniform_azimuth,
-        )
-        texture = torch.sigmoid(logits)
+        cams, ts, noises, conds = [], [], [], []
+        for k, g in enumerate(gens):
+            el, az, dist, fov = sample_cameras(
+                b,
+                g,
+                elevation_range_deg=cfg.elevation_range_deg,
+                camera_distance_range=dist_range,
+                fovy_range_deg=fovy_range,
+                batch_uniform_azimuth=cfg.batch_uniform_azimuth,
+            )
+            # threestudio's draw order inside the guidance: timesteps, then noise.
+            ts.append(torch.randint(min_step, max_step + 1, [b], dtype=torch.long, generator=g))
+            noises.append(torch.randn(b, 3, size, size, generator=g))
+            cams.append((el, az, dist, fov))
+            conds.append(
+                step_conditioning(
+                    banks[k],
+                    el,
+                    az,
+                    scheme=scheme,
+                    view_dependent=cfg.method != "noview",
+                    perp_neg=cfg.method == "ours",
+                )
+            )
+            rows[k] += conds[-1].branches
+        el, az, dist, fov = (torch.cat([c[i] for c in cams]) for i in range(4))
+        texture = torch.sigmoid(logits)[owner]
         rgb = scenes.render(texture, az, el, dist, size=size, fovy_deg=fov, background=background)
-        cond = step_conditioning(
-            bank,
-            el,
-            az,
-            scheme=scheme,
-            view_dependent=cfg.method != "noview",
-            perp_neg=cfg.method == "ours",
-        )
         out = if_sds_step(
             engine,
             rgb.permute(0, 2, 3, 1),
-            cond,
+            _concat(conds),
             settings,
             min_step=min_step,
             max_step=max_step,
             elevation=el,
             azimuth=az,
             camera_distances=dist,
-            generator=g,
+            t=torch.cat(ts),
+            noise=torch.cat(noises),
         )
         opt.zero_grad()
-        out["loss_sds"].backward()
+        # loss_sds is averaged over all n_obj·b rows; each object alone averages over its b rows.
+        (out["loss_sds"] * n_obj).backward()
         opt.step()
-        rows += cond.branches
         losses.append(float(out["loss_sds"].detach()))
-    seconds = time.time() - t0
+    seconds = (time.time() - t0) / n_obj
 
-    texture = torch.sigmoid(logits.detach())
     azimuths = ring_azimuths(cfg.ring_views)
     n = len(azimuths)
-    ring = scenes.render(
-        texture,
-        torch.tensor(azimuths),
-        torch.full((n,), cfg.ring_elevation_deg),
-        sum(dist_range) / 2.0,
-        size=size,
-        fovy_deg=sum(fovy_range) / 2.0,
-        background=background,
-    )
-    predicted = classifier.classify(ring)
-    labels = list(predicted.views)
-    janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, cfg.ring_elevation_deg)
-    ring_ids = getattr(predicted, "identities", None)
-    agreement = (
-        sum(i == identity for i in ring_ids) / len(ring_ids) if identity and ring_ids else None
-    )
-    return ObjectResult(
-        janus=janus,
-        front_kept=front_kept,
-        view_accuracy=acc,
-        ring_azimuths=azimuths,
-        ring_labels=labels,
-        ring_truth=truth,
-        flags=flags,
-        unet_rows_per_step=rows / max(cfg.steps, 1),
-        losses=losses,
-        texture=texture,
-        ring_images=ring,
-        seconds=seconds,
-        identity_agreement=agreement,
-    )
+    results = []
+    for k in range(n_obj):
+        texture = torch.sigmoid(logits[k].detach())
+        ring = scenes.render(
+            texture,
+            torch.tensor(azimuths),
+            torch.full((n,), cfg.ring_elevation_deg),
+            sum(dist_range) / 2.0,
+            size=size,
+            fovy_deg=sum(fovy_range) / 2.0,
+            background=background,
+        )
+        predicted = classifier.classify(ring)
+        labels = list(predicted.views)
+        janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, cfg.ring_elevation_deg)
+        ring_ids = getattr(predicted, "identities", None)
+        ident = ids[k]
+        agreement = (
+            sum(i == ident for i in ring_ids) / len(ring_ids) if ident and ring_ids else None
+        )
+        results.append(
+            ObjectResult(
+                janus=janus,
+                front_kept=front_kept,
+                view_accuracy=acc,
+                ring_azimuths=azimuths,
+                ring_labels=labels,
+                ring_truth=truth,
+                flags=flags,
+                unet_rows_per_step=rows[k] / max(cfg.steps, 1),
+                losses=losses,
+                texture=texture,
+                ring_images=ring,
+                seconds=seconds,
+                identity_agreement=agreement,
+            )
+        )
+    return results
 
 
 def prompt_bank(prior_path: str, prompt: str) -> PromptBank:
@@ -392,156 +466,3 @@ def prompt_bank(prior_path: str, prompt: str) -> PromptBank:
     views = view_prompts(prompt)
     emb = text_embeddings(prior_path, [prompt, "", *views], None, use_cache=False)
     return PromptBank.from_embeddings(emb, prompt, "", views)
-
-
-class MethodSpec(NamedTuple):
-    """One row of the 3D table: method, cameras per step and Perp-Neg scheme (None if unused)."""
-
-    method: str
-    batch_size: int
-    scheme: Optional[str] = None
-
-
-#: The issue's rows available so far (threestudio's built-in pairing comes in a later step).
-PROTOCOL_METHODS: Tuple[MethodSpec, ...] = (
-    MethodSpec("noview", 4),
-    MethodSpec("vanilla", 1),
-    MethodSpec("vanilla", 4),
-    MethodSpec("ours", 1, "threestudio"),
-    MethodSpec("ours", 4, "threestudio"),
-    MethodSpec("ours", 1, "authors"),
-    MethodSpec("ours", 4, "authors"),
-)
-
-
-def run_table3d(
-    prior_path: PathLike,
-    classifier: Any,
-    seeds: Sequence[int],
-    *,
-    methods: Sequence[MethodSpec] = PROTOCOL_METHODS,
-    base: Optional[Protocol3DConfig] = None,
-    identities: Optional[Sequence[str]] = None,
-    progress: bool = True,
-) -> Tuple[List[Dict[str, Any]], Dict[MethodSpec, List[ObjectResult]]]:
-    """Every method on the same seeds; seed ``k`` prompts identity ``identities[k % n]``.
-
-    Returns:
-        (rows, results): one row per method with ``method, batch, scheme, seeds, janus``
-        (count), ``front_kept`` (count), ``view_accuracy`` (mean per bucket over seeds),
-        ``identity_agreement`` (mean), ``unet_rows_per_step`` (mean) and ``seconds``; and the
-        objects themselves per method.
-    """
-    from ..engines.pixel import PerpNegIFEngine, load_deepfloyd_if
-    from .dataset import DatasetConfig, base_prompt
-
-    base = base or Protocol3DConfig()
-    if not seeds:
-        raise ValueError("seeds: expected at least one seed, got none")
-    meta = Path(prior_path) / "testbed.json"
-    data = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
-    dataset = DatasetConfig.from_dict(data["dataset"]) if "dataset" in data else DatasetConfig()
-    idents = tuple(identities or dataset.identities)
-    engine = PerpNegIFEngine(*load_deepfloyd_if(str(prior_path)))
-    banks = {i: prompt_bank(str(prior_path), base_prompt(dataset, i)) for i in idents}
-    rows: List[Dict[str, Any]] = []
-    results: Dict[MethodSpec, List[ObjectResult]] = {}
-    for spec in methods:
-        objects = []
-        for seed in seeds:
-            ident = idents[int(seed) % len(idents)]
-            cfg = Protocol3DConfig(
-                **{
-                    **base.to_dict(),
-                    "method": spec.method,
-                    "batch_size": spec.batch_size,
-                    "scheme": spec.scheme or base.scheme,
-                    "seed": int(seed),
-                }
-            )
-            objects.append(
-                run_object(
-                    cfg,
-                    prior_path,
-                    classifier,
-                    base_prompt(dataset, ident),
-                    engine=engine,
-                    bank=banks[ident],
-                    identity=ident,
-                    progress=progress,
-                )
-            )
-        results[spec] = objects
-        acc = {v: _mean([o.view_accuracy[v] for o in objects]) for v in ("front", "side", "back")}
-        agreement = [o.identity_agreement for o in objects if o.identity_agreement is not None]
-        rows.append(
-            {
-                "method": spec.method,
-                "batch": spec.batch_size,
-                "scheme": spec.scheme,
-                "seeds": len(objects),
-                "janus": sum(o.janus for o in objects),
-                "front_kept": sum(o.front_kept for o in objects),
-                "view_accuracy": acc,
-                "identity_agreement": _mean(agreement) if agreement else None,
-                "unet_rows_per_step": _mean([o.unet_rows_per_step for o in objects]),
-                "seconds": round(sum(o.seconds for o in objects), 1),
-            }
-        )
-    return rows, results
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def save_rings(
-    path: PathLike,
-    results: Mapping[MethodSpec, Sequence[ObjectResult]],
-    *,
-    max_seeds: int = 3,
-    zoom: int = 4,
-) -> Path:
-    """Draw per method the labelled rings of its first seeds into a PNG (written atomically).
-
-    Each ring is one row of views (azimuth 0 first) with the classifier's label under each view
-    (upper case where it disagrees with the camera's true bucket) and the Janus / front-kept
-    verdict at the left.
-    """
-    from PIL import Image, ImageDraw
-
-    from ..commands.common import atomic_write
-
-    rows = [(spec, o) for spec, objs in results.items() for o in list(objs)[:max_seeds]]
-    if not rows:
-        raise ValueError("results: expected at least one object, got none")
-    n = len(rows[0][1].ring_azimuths)
-    cell = rows[0][1].ring_images.shape[-1] * zoom
-    left, text_h = 150, 14
-    width, height = left + n * cell, len(rows) * (cell + text_h) + text_h
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, a in enumerate(rows[0][1].ring_azimuths):
-        draw.text((left + k * cell + 2, 0), f"{a:g}", fill="black")
-    for r, (spec, obj) in enumerate(rows):
-        y = text_h + r * (cell + text_h)
-        name = spec.method + (f"/{spec.scheme}" if spec.scheme else "")
-        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
-        draw.text((2, y + 2), f"{name} b{spec.batch_size}", fill="black")
-        draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
-        imgs = (obj.ring_images.clamp(0, 1) * 255).round().to(torch.uint8)
-        for k in range(n):
-            tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize(
-                (cell, cell), Image.NEAREST
-            )
-            canvas.paste(tile, (left + k * cell, y))
-            lab, true = obj.ring_labels[k], obj.ring_truth[k]
-            draw.text(
-                (left + k * cell + 2, y + cell),
-                lab if lab == true else lab.upper(),
-                fill="black" if lab == true else "red",
-            )
-    out = Path(path)
-    atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
-    return out

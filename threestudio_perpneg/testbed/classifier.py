@@ -66,7 +66,7 @@ class ClassifierConfig:
         camera_distance_range: training camera distances (head radii). Default (2.6, 3.4).
         fovy_deg: field of view of the training renders (degrees). Default 45.
         seed: seed of the weights and the training renders. Default 0.
-        steps: optimiser steps. Default 1500.
+        steps: optimiser steps. Default 2500.
         batch_size: renders per step. Default 96.
         lr: AdamW learning rate (cosine decay to 0). Default 3e-3.
         pool_size: distinct training renders (re-augmented every step). Default 24000.
@@ -84,7 +84,7 @@ class ClassifierConfig:
     camera_distance_range: Tuple[float, float] = (2.6, 3.4)
     fovy_deg: float = scenes.DEFAULT_FOVY
     seed: int = 0
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 96
     lr: float = 3e-3
     pool_size: int = 24000
@@ -429,7 +429,7 @@ def _masked_ce(logits: Tensor, target: Tensor) -> Tensor:
 def train_classifier(
     out_dir: PathLike,
     seed: int = 0,
-    steps: int = 1500,
+    steps: int = 2500,
     *,
     config: Optional[ClassifierConfig] = None,
     eval_n: int = 4000,

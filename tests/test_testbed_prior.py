@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threestudio_support.fixtures import threestudio_module, threestudio_workdir  # noqa: F401
 
 from threestudio_perpneg.core.text import encode_prompts, view_prompts
 from threestudio_perpneg.testbed.prior import (
@@ -170,6 +171,26 @@ def test_training_writes_a_loadable_diffusers_folder(trained):
     assert emb.shape == (2, 32, 32) and not torch.allclose(emb[0], emb[1])
 
 
+def test_training_continues_from_a_prior_folder(trained, tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+
+    out, dataset, prior, recipe, _ = trained
+    more = TrainConfig(steps=1, batch_size=4, pool_size=16, warmup_steps=0, threads=1, seed=5)
+    train_prior(tmp_path / "c", dataset, prior, more, progress=False, init_from=out)
+    saved = json.loads((tmp_path / "c" / "testbed.json").read_text())
+    assert saved["train"]["init_from"] == {**recipe.to_dict(), "init_from": None}
+    ids = view_token_ids(CLIPTokenizer.from_pretrained(out, subfolder="tokenizer"))
+    w0 = CLIPTextModel.from_pretrained(out, subfolder="text_encoder").get_input_embeddings().weight
+    w1 = CLIPTextModel.from_pretrained(tmp_path / "c", subfolder="text_encoder")
+    # Separation kept (up to the rounding of the weight average of a constant row).
+    torch.testing.assert_close(w1.get_input_embeddings().weight[ids], w0[ids], rtol=1e-6, atol=1e-7)
+    other = default_dataset_config(view_word_separation=0.9)
+    with pytest.raises(ValueError, match="init_from: .* another dataset config"):
+        train_prior(tmp_path / "d", other, prior, more, progress=False, init_from=out)
+
+
 def test_training_refuses_a_non_empty_folder(trained):
     from threestudio_perpneg.testbed.train import train_prior
 
@@ -219,3 +240,49 @@ def test_shipped_prior_loads_through_the_real_classes():
     weights = list(path.glob("*/*.safetensors"))
     assert len(weights) == 2 and sum(w.stat().st_size for w in weights) < 20e6
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+
+
+@pytest.mark.threestudio
+def test_shipped_prior_through_the_registered_threestudio_classes(
+    threestudio_module,  # noqa: F811
+    threestudio_workdir,  # noqa: F811
+):
+    """``perpneg-prompt-processor`` (CLIP) + ``perpneg-deep-floyd-guidance`` on the shipped prior."""
+    from threestudio_support.system import load_custom_extension
+
+    from threestudio_perpneg.testbed.dataset import DatasetConfig
+
+    load_custom_extension(Path(__file__).resolve().parents[1] / "custom" / "threestudio-perpneg")
+    path = str(_shipped())
+    data = DatasetConfig.from_dict(json.loads((_shipped() / "testbed.json").read_text())["dataset"])
+    prompt = data.base_prompt(data.identities[0])
+    processor = threestudio_module.find("perpneg-prompt-processor")(
+        {
+            "pretrained_model_name_or_path": path,
+            "prompt": prompt,
+            "spawn": False,
+            "cache_dir": "c",
+            "perp_neg_scheme": "authors",
+        }
+    )
+    utils = processor()
+    expected = encode_prompts(path, view_prompts(prompt))  # side, front, back, overhead
+    torch.testing.assert_close(utils.perp_neg_bank.views, expected, rtol=1e-5, atol=1e-5)
+
+    guidance = threestudio_module.find("perpneg-deep-floyd-guidance")(
+        {"pretrained_model_name_or_path": path, "half_precision_weights": False}
+    )
+    seen = []
+    hook = guidance.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    az = torch.tensor([0.0, 180.0])
+    el, dist = torch.zeros(2), torch.full((2,), 3.0)
+    rgb = torch.rand(2, 64, 64, 3, requires_grad=True)
+    try:
+        out = guidance(rgb, utils, el, az, dist, rgb_as_latents=False)
+    finally:
+        hook.remove()
+    out["loss_sds"].backward()
+    # One batched call at the prior's native resolution: 2 branches per sample + the negatives.
+    assert len(seen) == 1 and tuple(seen[0][1:]) == (3, data.resolution, data.resolution)
+    assert seen[0][0] == out["perp_neg_branches"] > 4
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0

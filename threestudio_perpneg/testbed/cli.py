@@ -4,7 +4,8 @@ Subcommands:
 
 * ``train --out DIR``: train the prior (diffusers folder + ``testbed.json``, ``metrics.json``,
   ``loss.png``); ``--dataset-config FILE`` reads the data knobs (a JSON object of
-  :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig` fields) over the shipped defaults.
+  :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig` fields) over the shipped defaults;
+  ``--init-from DIR`` continues from a prior folder's weights.
 * ``train-classifier --out DIR``: train the view/identity classifier.
 * ``bias --out DIR``: the prior-bias cells (front fraction without view words, back / side
   success with plain CFG) with Wilson intervals: ``DIR/prior_bias.json`` and ``DIR/samples.png``.
@@ -62,6 +63,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         default=None,
         help="JSON object of DatasetConfig knobs applied over the shipped defaults",
     )
+    train.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from this prior folder's weights (same data, architecture, vocabulary)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -86,6 +92,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     bias.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     bias.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
+    bias.add_argument(
+        "--calibration-log",
+        type=Path,
+        default=None,
+        help="JSON file to which this measurement is appended as a calibration attempt "
+        "(the prior's dataset knobs and recipe -> the three rates)",
+    )
+    bias.add_argument("--note", default="", help="free text stored with the calibration attempt")
     bias.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -125,9 +139,14 @@ def _train(ns: argparse.Namespace) -> None:
         raise TestbedError(f"--dataset-config: {err}") from None
     try:
         metrics = train_prior(
-            ns.out, dataset, recipe=recipe, overwrite=ns.overwrite, progress=not ns.quiet
+            ns.out,
+            dataset,
+            recipe=recipe,
+            overwrite=ns.overwrite,
+            progress=not ns.quiet,
+            init_from=ns.init_from,
         )
-    except (FileExistsError, ImportError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError) as err:
         raise TestbedError(str(err)) from None
     print(
         f"prior written to {ns.out}: final loss {metrics['final_loss']:.4f}, "
@@ -176,6 +195,8 @@ def _bias(ns: argparse.Namespace) -> None:
     ns.out.mkdir(parents=True, exist_ok=True)
     write_json(ns.out / "prior_bias.json", report)
     save_sample_grid(samples, ns.out / "samples.png")
+    if ns.calibration_log is not None:
+        _append_attempt(ns.calibration_log, prior, report, ns.note)
     for c in report["cells"]:
         lo, hi = c["ci95"]
         print(
@@ -183,6 +204,36 @@ def _bias(ns: argparse.Namespace) -> None:
             f"[{lo:.3f}, {hi:.3f}]  identity kept {c['identity_kept']}/{c['n']}  "
             f"views {c['view_counts']}"
         )
+
+
+def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
+    """Append {knobs, recipe, rates, cells} to the calibration log (a JSON object with attempts)."""
+    from ..commands.common import write_json
+    from .prior import load_testbed_config
+    from .protocol2d import CELLS
+
+    data: dict = {"attempts": []}
+    if log.exists():
+        try:
+            data = json.loads(log.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TestbedError(f"--calibration-log: {log} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
+            raise TestbedError(f"--calibration-log: {log} has no 'attempts' list")
+    meta = load_testbed_config(prior)
+    data["attempts"].append(
+        {
+            "note": note,
+            "dataset": meta["dataset"],
+            "train": meta.get("train"),
+            "guidance_scale": report["guidance_scale"],
+            "steps": report["steps"],
+            "seed": report["seed"],
+            **{key: report[key] for key, _, _ in CELLS},
+            "cells": report["cells"],
+        }
+    )
+    write_json(log, data)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:

@@ -11,6 +11,7 @@ the weights is what is saved. Seeded end to end; the caller's global RNG is left
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import platform
@@ -44,12 +45,12 @@ class TrainConfig:
     """The training recipe (saved in ``testbed.json`` and ``metrics.json``).
 
     Args:
-        steps: optimiser steps (default 2000).
-        batch_size: images per step (default 64).
+        steps: optimiser steps (default 1200).
+        batch_size: images per step (default 32).
         lr: peak AdamW learning rate (default 1e-3), linear warm-up then cosine decay to 10 %.
         warmup_steps: warm-up steps (default 100).
         cfg_dropout: probability a caption is replaced by the empty caption (default 0.15).
-        pool_size: captioned renders drawn once before training (default 12288).
+        pool_size: captioned renders drawn once before training (default 8192).
         ema_decay: decay of the weight average that is saved (default 0.995; the average starts
             after warm-up).
         seed: seed of initialisation, minibatches, dropout, timesteps and noise (default 0; the
@@ -58,12 +59,12 @@ class TrainConfig:
         log_every: steps between loss-curve points (default 25).
     """
 
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = 1200
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     cfg_dropout: float = 0.15
-    pool_size: int = 12288
+    pool_size: int = 8192
     ema_decay: float = 0.995
     seed: int = 0
     threads: int = 2
@@ -198,6 +199,7 @@ def train_prior(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    init_from: Optional[str | os.PathLike] = None,
 ) -> Dict[str, Any]:
     """Train a prior and write its diffusers folder, ``metrics.json`` and ``loss.png`` to ``out``.
 
@@ -208,6 +210,9 @@ def train_prior(
         recipe: training recipe (default :class:`TrainConfig`).
         overwrite: replace a non-empty ``out``.
         progress: tqdm progress bars on stderr.
+        init_from: continue from the weights of this prior folder (same vocabulary, architecture
+            and dataset; its view-word rows are kept as they are). Its ``testbed.json`` recipe is
+            recorded as ``train.init_from`` so the chain of runs stays reproducible.
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -246,10 +251,33 @@ def train_prior(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
-            metrics = _train(target, dataset, prior, recipe, progress, overwrite, t_start)
+            metrics = _train(
+                target, dataset, prior, recipe, progress, overwrite, t_start, init_from
+            )
     finally:
         torch.set_num_threads(threads_before)
     return metrics
+
+
+def _load_init(
+    path: str | os.PathLike, dataset: DatasetConfig, prior: PriorConfig, vocab: Dict[str, int]
+) -> Any:
+    """(unet, text_encoder, its testbed.json train entry) of a prior folder to continue from."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .prior import load_testbed_config
+
+    meta = load_testbed_config(path)
+    for key, mine in (("dataset", dataset.to_dict()), ("prior", prior.to_dict())):
+        if meta.get(key) != mine:
+            raise ValueError(f"init_from: {path} was trained with another {key} config")
+    saved_vocab = json.loads((Path(path) / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    if saved_vocab != vocab:
+        raise ValueError(f"init_from: {path} has another vocabulary")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    return unet, text_encoder, meta.get("train")
 
 
 def _train(
@@ -260,6 +288,7 @@ def _train(
     progress: bool,
     overwrite: bool,
     t_start: float,
+    init_from: Optional[str | os.PathLike] = None,
 ) -> Dict[str, Any]:
     import tempfile
 
@@ -279,7 +308,11 @@ def _train(
         write_tokenizer(Path(tmp) / "tok", vocab, merges, prior.max_length)
         tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "tok"))
     view_ids = view_token_ids(tokenizer)
-    apply_view_word_separation(text_encoder, view_ids, dataset.view_word_separation)
+    previous: Optional[Dict[str, Any]] = None
+    if init_from is None:
+        apply_view_word_separation(text_encoder, view_ids, dataset.view_word_separation)
+    else:
+        unet, text_encoder, previous = _load_init(init_from, dataset, prior, vocab)
     hook = freeze_view_rows(text_encoder, view_ids)
 
     images, captions = _draw_pool(dataset, recipe.pool_size, progress)
@@ -360,7 +393,7 @@ def _train(
     testbed = {
         "dataset": dataset.to_dict(),
         "prior": prior.to_dict(),
-        "train": recipe.to_dict(),
+        "train": {**recipe.to_dict(), "init_from": previous},
         "words": words,
     }
 

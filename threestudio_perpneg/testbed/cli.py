@@ -187,6 +187,7 @@ def _bias(ns: argparse.Namespace) -> None:
     report = bias_summary(cells)
     report.update(
         prior=str(prior),
+        classifier=_classifier_id(ns.classifier),
         guidance_scale=ns.guidance_scale,
         steps=ns.steps,
         seed=ns.seed,
@@ -204,6 +205,18 @@ def _bias(ns: argparse.Namespace) -> None:
             f"[{lo:.3f}, {hi:.3f}]  identity kept {c['identity_kept']}/{c['n']}  "
             f"views {c['view_counts']}"
         )
+
+
+def _classifier_id(path: Optional[str]) -> dict:
+    """Which classifier judged the samples: its folder and the sha256 of its weights."""
+    import hashlib
+
+    from .classifier import classifier_path
+
+    folder = Path(path) if path is not None else classifier_path()
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"path": str(folder), "weights_sha256": digest}
 
 
 def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
@@ -229,6 +242,7 @@ def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
             "guidance_scale": report["guidance_scale"],
             "steps": report["steps"],
             "seed": report["seed"],
+            "classifier": report["classifier"],
             **{key: report[key] for key, _, _ in CELLS},
             "cells": report["cells"],
         }

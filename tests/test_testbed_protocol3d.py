@@ -165,7 +165,7 @@ def test_each_method_runs_and_moves_the_texture(
 
 
 def test_objects_optimised_together_equal_objects_optimised_alone(prior: Path, engine) -> None:
-    cfg = P3.Protocol3DConfig(method="ours", batch_size=2, steps=3, texture_size=8, ring_views=8)
+    cfg = P3.Protocol3DConfig(method="ours", batch_size=2, steps=2, texture_size=8, ring_views=8)
     clf = _Fixed()
     together = P3.run_objects(
         cfg, [5, 9], prior, clf, ["a corgi", "a corgi, front view"], engine=engine

@@ -95,6 +95,17 @@ def test_front_shows_skin_and_face_back_shows_hair(identity: str) -> None:
     assert whites(front) >= 4 and whites(back) == 0
 
 
+def test_featureless_texture_has_no_face_or_ears() -> None:
+    with_face = scenes.identity_textures(["robot"], 32)[0]
+    bald = scenes.identity_textures(["robot"], 32, features=False)[0]
+    skin = torch.tensor(scenes._LOOKS["robot"].skin)
+    # Rows 14-22 (polar 79-124 degrees) hold the eyes, nose, mouth and ears; bald there is skin,
+    # except for the hair that covers the back (|azimuth| > 95, columns < 15 or > 48).
+    band = bald[:, 14:22, 16:48]
+    assert (band - skin[:, None, None]).abs().max() < 1e-3
+    assert (with_face[:, 14:22, 16:48] - skin[:, None, None]).abs().max() > 0.3
+
+
 def test_identities_differ_from_every_side() -> None:
     renders = {
         i: scenes.render(

@@ -6,6 +6,11 @@ with texture jitter, pixel noise, blur and contrast changes so it also reads the
 The shipped weights live in ``assets/classifier/`` (``model.safetensors``, ``config.json`` with the
 recipe, ``metrics.json`` with the held-out accuracy); :func:`load_classifier` loads them.
 
+Labels are ``front``, ``side``, ``back`` and :data:`REJECT` (``"none"``): an image that shows no
+head view (noise, colour fields, a featureless head from the front), so an unfinished or blurred
+texture is never counted as a front (before this class, a random texture read as "front" from
+every side). Protocols count ``"none"`` as a failure of any requested view and as not-front.
+
 ``scores(images, object_name)`` follows ``threestudio_perpneg.eval.classifier.ClassifierProtocol``
 (``[N, len(labels)]`` view probabilities), so the Janus evaluators can use it instead of CLIP.
 """
@@ -318,9 +323,13 @@ def render_labelled(
 def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) -> Tensor:
     """``n`` renders in [0, 1] of the sphere with textures that show no head view.
 
-    Textures are random colour fields at a random scale (2×4 blobs to texel noise, random
-    contrast), and for a third of them the field is laid over an identity texture with opacity
-    0.75-1, the look of a texture that SDS has not finished or has garbled.
+    A third each: random colour fields at a random scale (2×4 blobs to texel noise, random
+    contrast); such a field laid over an identity texture with opacity 0.75-1 (a texture SDS has
+    not finished or has garbled); and a featureless head (skin and hair, no face, no ears; half
+    of them with hair on the crown only, the blurred average head SDS can converge to) seen from
+    |azimuth| ≤ 60°, where a real head clearly shows its face. (From the side a real head differs
+    from a featureless one only by a small ear, from behind not at all, so featureless heads are
+    not rendered there: a featureless head seen from the side reads "side".)
     """
     size = max(16, cfg.resolution)
     fields = []
@@ -330,15 +339,24 @@ def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) ->
         noise = torch.randn(1, 3, h, 2 * h, generator=generator) * contrast
         fields.append(F.interpolate(noise, size=(size, 2 * size), mode="bilinear").sigmoid()[0])
     tex = torch.stack(fields)
-    ident = torch.randint(len(cfg.identities), (n,), generator=generator)
-    heads = scenes.identity_textures(
-        [cfg.identities[int(i)] for i in ident], size, jitter=1.0, generator=generator
+    ident = [
+        cfg.identities[int(i)]
+        for i in torch.randint(len(cfg.identities), (n,), generator=generator)
+    ]
+    heads = scenes.identity_textures(ident, size, jitter=1.0, generator=generator)
+    bald = scenes.identity_textures(ident, size, jitter=1.0, generator=generator, features=False)
+    # Crown-only hair: the front half's hair band (above the hairline) copied all around.
+    crown = bald[..., :, size // 2 : size // 2 + 1].expand_as(bald)
+    bald = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, crown, bald)
+    kind = torch.randint(3, (n,), generator=generator)  # 0 field, 1 overlay, 2 featureless
+    alpha = (0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=generator)) * (kind == 1).view(
+        n, 1, 1, 1
     )
-    alpha = 0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=generator)
-    overlay = (torch.rand(n, 1, 1, 1, generator=generator) < 1 / 3).float()
-    alpha = overlay * alpha + (1 - overlay)
+    alpha = torch.where((kind == 0).view(n, 1, 1, 1), torch.ones_like(alpha), alpha)
     tex = alpha * tex + (1 - alpha) * heads
+    tex = torch.where((kind == 2).view(n, 1, 1, 1), bald, tex)
     az = torch.rand(n, generator=generator) * 360.0 - 180.0
+    az = torch.where(kind == 2, az * (60.0 / 180.0), az)
     lo, hi = cfg.elevation_range_deg
     el = lo + (hi - lo) * torch.rand(n, generator=generator)
     dlo, dhi = cfg.camera_distance_range

@@ -155,8 +155,13 @@ def identity_textures(
     *,
     jitter: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    features: bool = True,
 ) -> Tensor:
-    """Batched :func:`identity_texture`: ``[n, 3, size, 2*size]``, one jittered texture each."""
+    """Batched :func:`identity_texture`: ``[n, 3, size, 2*size]``, one jittered texture each.
+
+    ``features=False`` leaves out the face and the ears (skin and hair only): the featureless
+    head that the testbed classifier learns not to call a front.
+    """
     looks = [_check_identity(i) for i in identities]
     if not looks:
         raise ValueError("identities: expected at least one identity, got none")
@@ -205,7 +210,7 @@ def identity_textures(
     tex = paint(tex, torch.sigmoid((theta - 150.0) / edge).expand(n, 1, h, w), skin * 0.8)
     # Ears on both sides, drawn before the hair so a low hairline can cover their top.
     ear_a, ear_b = 9.0 * scale[:, 2:3], 15.0 * scale[:, 2:3]
-    for side in (-90.0, 90.0):
+    for side in (-90.0, 90.0) if features else ():
         tex = paint(tex, blob(side, 95.0, ear_a, ear_b), skin * 0.75)
         tex = paint(tex, blob(side, 97.0, ear_a * 0.45, ear_b * 0.5), skin * 0.5)
     # Hair: crown everywhere, down to the neck on the back; the hairline drops from ~45° (front,
@@ -214,6 +219,8 @@ def identity_textures(
     hairline = 45.0 + pos[:, 4:5] + (105.0 + pos[:, 5:6]) * back
     strands = 0.85 + 0.15 * torch.cos(torch.deg2rad(phi) * 24.0) ** 2
     tex = paint(tex, torch.sigmoid((hairline - theta) / edge), hair * strands)
+    if not features:
+        return tex.clamp(0.0, 1.0)
     # Face, centred at φ = 0.
     eye_phi, eye_theta = 22.0 + pos[:, 0:1], 82.0 + pos[:, 1:2]
     es = param([look.eye_scale for look in looks])[:, None, None, None] * scale[:, 0:1]

@@ -80,13 +80,14 @@ def test_textures_without_a_head_are_not_read_as_a_front(shipped: C.TestbedClass
     assert sum(v == C.REJECT for v in views) >= 0.75 * len(views), views
     # A featureless head (skin all round, hair on the crown: the average head SDS can blur to),
     # built here from the identity colours, is not a front from the front.
-    for ident in ("clown", "troll"):
-        look = scenes._LOOKS[ident]
-        tex = torch.tensor(look.skin)[:, None, None].expand(3, 32, 64).clone()
-        tex[:, :8] = torch.tensor(look.hair)[:, None, None]
+    colours = [(scenes._LOOKS[i].skin, scenes._LOOKS[i].hair) for i in ("clown", "troll")]
+    colours.append(((1.0, 0.6, 0.95), (0.9, 0.3, 0.1)))  # saturated, as a probe's SDS head was
+    for skin, hair in colours:
+        tex = torch.tensor(skin)[:, None, None].expand(3, 32, 64).clone()
+        tex[:, :8] = torch.tensor(hair)[:, None, None]
         front_az = torch.tensor([0.0, 30.0, -30.0, 50.0])
         views = shipped.classify(scenes.render(tex, front_az, torch.zeros(4), size=16)).views
-        assert "front" not in views, (ident, views)
+        assert "front" not in views, (skin, views)
     # Real heads are not rejected.
     heads, _, _ = _fresh(200, seed=5, size=16)
     assert sum(v == C.REJECT for v in shipped.classify(heads).views) <= 2

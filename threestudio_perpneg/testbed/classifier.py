@@ -327,7 +327,8 @@ def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) ->
     contrast); such a field laid over an identity texture with opacity 0.75-1 (a texture SDS has
     not finished or has garbled); and a featureless head (skin and hair, no face, no ears; half
     of them with hair on the crown only, the blurred average head SDS can converge to) seen from
-    |azimuth| ≤ 60°, where a real head clearly shows its face. (From the side a real head differs
+    |azimuth| ≤ 60°, where a real head clearly shows its face; half of these in the identity
+    colours, half in random skin and hair colours. (From the side a real head differs
     from a featureless one only by a small ear, from behind not at all, so featureless heads are
     not rendered there: a featureless head seen from the side reads "side".)
     """
@@ -348,6 +349,13 @@ def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) ->
     # Crown-only hair: the front half's hair band (above the hairline) copied all around.
     crown = bald[..., :, size // 2 : size // 2 + 1].expand_as(bald)
     bald = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, crown, bald)
+    # Half of the featureless heads in random colours: SDS can saturate or shift the colours.
+    skin = torch.rand(n, 3, 1, 1, generator=generator)
+    hair = torch.rand(n, 3, 1, 1, generator=generator)
+    rows = torch.arange(size).view(1, 1, size, 1)
+    hairline = torch.randint(2, size // 2, (n, 1, 1, 1), generator=generator)
+    plain = torch.where(rows < hairline, hair, skin).expand(n, 3, size, 2 * size)
+    bald = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, plain, bald)
     kind = torch.randint(3, (n,), generator=generator)  # 0 field, 1 overlay, 2 featureless
     alpha = (0.75 + 0.25 * torch.rand(n, 1, 1, 1, generator=generator)) * (kind == 1).view(
         n, 1, 1, 1

@@ -24,6 +24,17 @@ setup(
             "conf/prompts/*.yaml",
             "conf/hydra/launcher/*.yaml",
         ],
+        # The Janus testbed's shipped prior (diffusers folder) and view/identity classifier.
+        "threestudio_perpneg.testbed": [
+            "assets/prior/*.json",
+            "assets/prior/*.png",
+            "assets/prior/*/*.json",
+            "assets/prior/*/*.txt",
+            "assets/prior/*/*.safetensors",
+            "assets/classifier/*.json",
+            "assets/classifier/*.safetensors",
+            "assets/classifier/*.png",
+        ],
     },
     install_requires=[
         "torch>=1.13",

@@ -10,6 +10,8 @@ Subcommands:
 * ``eval2d``: the paper's 2D view-success protocol, sd vs cebm vs perpneg
   (:mod:`threestudio_perpneg.eval.eval2d`).
 * ``eval3d``: Janus rate and view accuracy of threestudio runs (:mod:`threestudio_perpneg.eval.janus`).
+* ``testbed``: the Janus testbed (:mod:`threestudio_perpneg.testbed.cli`: ``train``,
+  ``train-classifier``, ``bias``).
 * ``sweep``: the Hydra reproduction sweep (:mod:`threestudio_perpneg.eval.sweep`; Hydra overrides
   follow, e.g. ``sweep dry_run=true``).
 
@@ -41,6 +43,10 @@ DELEGATED = {
     "sweep": (
         ".eval.sweep.app",
         "paper-reproduction sweep (Hydra app): prompts x seeds x vanilla/perpneg",
+    ),
+    "testbed": (
+        ".testbed.cli",
+        "Janus testbed: train the small prior / classifier, measure the prior's view bias",
     ),
 }
 

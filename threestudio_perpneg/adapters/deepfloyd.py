@@ -19,9 +19,13 @@ IF_CHECKPOINT = "DeepFloyd/IF-I-XL-v1.0"
 class PerpNegDeepFloydGuidance(PerpNegStableDiffusionGuidance):
     r"""Score distillation with Perp-Neg (https://arxiv.org/abs/2304.04968) on DeepFloyd IF stage I.
 
-    Drop-in for threestudio's ``deep-floyd-guidance``: renders are resized to 64×64 in [-1, 1]; the
-    UNet's 6 output channels are ε (guided with Perp-Neg) and the learned variance (taken from the
-    positive branch, used by ``guidance_eval``, which works with Perp-Neg on). Conditioning, scale
+    Drop-in for threestudio's ``deep-floyd-guidance``: renders are resized to the UNet's native
+    resolution (``unet.config.sample_size``: 64×64 for IF) in [-1, 1]; the UNet's 6 output channels
+    are ε (guided with Perp-Neg) and the learned variance (taken from the positive branch, used by
+    ``guidance_eval``, which works with Perp-Neg on). A UNet with 3 output channels (ε only, a
+    fixed-variance DDPM scheduler) works too: the Janus testbed prior
+    (``threestudio_perpneg.testbed.load_prior_path()``, 16-32 px, with its CLIP text encoder read by
+    ``perpneg-prompt-processor``). Conditioning, scale
     convention, ``perp_neg_*`` keys, ``seed`` and the step schedules are those of
     ``perpneg-stable-diffusion-guidance`` (one batched UNet call, 2 branches per sample plus one per
     non-zero-weight negative). Works with ``perpneg-deepfloyd-prompt-processor`` and threestudio's
@@ -31,7 +35,8 @@ class PerpNegDeepFloydGuidance(PerpNegStableDiffusionGuidance):
 
     @dataclass
     class Config(PerpNegStableDiffusionGuidance.Config):
-        #: Hub id or local diffusers folder of the IF stage I checkpoint (unet/, scheduler/).
+        #: Hub id or local diffusers folder of the IF stage I checkpoint (unet/, scheduler/), or
+        #: of another pixel-space UNet (e.g. the Janus testbed prior).
         pretrained_model_name_or_path: str = IF_CHECKPOINT
         #: s (threestudio's IF default 20); meaning set by guidance_scale_convention.
         guidance_scale: float = 20.0

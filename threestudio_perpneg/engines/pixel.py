@@ -1,7 +1,10 @@
-"""DeepFloyd IF stage I score distillation with Perp-Neg, free of threestudio.
+"""Pixel-space score distillation with Perp-Neg (DeepFloyd IF stage I, the Janus testbed prior).
 
 IF stage I denoises 64×64 RGB images in pixel space (x ∈ [-1, 1]) and its UNet predicts 6 channels:
 ε (the first 3) and a learned variance interpolation (the last 3, the scheduler's ``learned_range``).
+Any other pixel-space UNet works too: one predicting ε only (3 output channels, a fixed-variance
+scheduler, as the testbed prior of :mod:`threestudio_perpneg.testbed`) and at any native resolution,
+read from ``unet.config.sample_size`` (64 for IF, so IF behaves exactly as before).
 :class:`PerpNegIFEngine` reuses :class:`~.sd.PerpNegSDSEngine`'s single batched UNet call
 (``2·B`` positive/unconditional branches plus one per non-zero-weight negative, each on its own
 sample's noisy image and timestep), splits the output channels, combines the ε parts with
@@ -34,10 +37,32 @@ from .sd import (
     reparameterised_loss,
 )
 
-__all__ = ["IF_RESOLUTION", "load_deepfloyd_if", "PerpNegIFEngine", "if_sds_step"]
+__all__ = [
+    "IF_RESOLUTION",
+    "native_resolution",
+    "load_deepfloyd_if",
+    "PerpNegIFEngine",
+    "if_sds_step",
+]
 
-#: Side of IF stage I's images; renders are resized to it.
+#: Side of IF stage I's images (its ``unet.config.sample_size``); renders are resized to the UNet's.
 IF_RESOLUTION = 64
+
+
+def native_resolution(unet: Any) -> int:
+    """Side in pixels of the square images a pixel-space UNet denoises: ``unet.config.sample_size``.
+
+    Raises:
+        ValueError: when ``sample_size`` is missing, not a positive int, or not square.
+    """
+    size = getattr(getattr(unet, "config", None), "sample_size", None)
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"unet.config.sample_size: expected a square size, got {size!r}")
+        size = size[0]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"unet.config.sample_size: expected a positive int, got {size!r}")
+    return size
 
 
 def load_deepfloyd_if(
@@ -46,7 +71,10 @@ def load_deepfloyd_if(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Tuple[Any, Any]:
-    """(unet, scheduler) of an IF stage I checkpoint (``unet/``, ``scheduler/``; no text encoder).
+    """(unet, scheduler) of a pixel-space checkpoint (``unet/``, ``scheduler/``; no text encoder).
+
+    IF stage I, or any folder with a pixel-space ``UNet2DConditionModel`` and a ``DDPMScheduler``
+    config (the Janus testbed prior).
 
     With fp16 weights the checkpoint's ``fp16`` variant is read where it has one.
     """
@@ -76,12 +104,15 @@ def load_deepfloyd_if(
 
 
 class PerpNegIFEngine(PerpNegSDSEngine):
-    """Batched Perp-Neg noise prediction over an IF stage I UNet with learned variance.
+    """Batched Perp-Neg noise prediction over a pixel-space UNet (IF stage I or the testbed prior).
 
     Args:
-        unet: IF's ``UNet2DConditionModel`` (frozen), 3 input and 6 output channels.
-        scheduler: its ``DDPMScheduler`` (``learned_range`` variance); ``alphas_cumprod``,
-            ``add_noise`` and config are used, and ``guidance_eval`` steps a copy of it.
+        unet: ``UNet2DConditionModel`` (frozen), 3 input channels and either 6 output channels
+            (IF: ε and learned variance) or 3 (ε only); its ``config.sample_size`` is the native
+            resolution renders are resized to (:attr:`resolution`).
+        scheduler: its ``DDPMScheduler`` (``learned_range`` variance for IF, a fixed variance for
+            an ε-only UNet); ``alphas_cumprod``, ``add_noise`` and config are used, and
+            ``guidance_eval`` steps a copy of it.
         weights_dtype: dtype the UNet runs in (inputs are cast, outputs cast back).
         device: where the UNet lives.
     """
@@ -95,6 +126,8 @@ class PerpNegIFEngine(PerpNegSDSEngine):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(unet, None, scheduler, weights_dtype=weights_dtype, device=device)
+        #: Side of the images the UNet denoises (``unet.config.sample_size``; 64 for IF).
+        self.resolution: int = native_resolution(unet)
 
     def encode_images(self, imgs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         raise NotImplementedError("DeepFloyd IF works in pixel space: there is no VAE")
@@ -172,7 +205,8 @@ class PerpNegIFEngine(PerpNegSDSEngine):
     ) -> Dict[str, Any]:
         """threestudio's guidance_eval images in pixel space, each sample with its own conditioning.
 
-        ``noise_pred`` is the scheduler's model output (ε̂ and the learned variance, 6 channels).
+        ``noise_pred`` is the scheduler's model output (ε̂, with the learned variance appended for
+        a 6-channel UNet).
         ``cond`` and ``controls`` as in :meth:`~.sd.PerpNegSDSEngine.guidance_eval`.
         """
         if self._eval_scheduler is None:
@@ -241,9 +275,10 @@ def if_sds_step(
     noise: Optional[Tensor] = None,
     controls: Optional[PerpNegControls] = None,
 ) -> Dict[str, Any]:
-    """One IF guidance step on renders ``rgb`` ``[B, H, W, 3]`` in [0, 1], threestudio's contract.
+    """One pixel-space guidance step on renders ``rgb`` ``[B, H, W, 3]`` in [0, 1], threestudio's contract.
 
-    Renders are mapped to [-1, 1] and resized to 64×64. Returns ``loss_sds`` (0.5·‖x − (x − grad)‖²
+    Renders are mapped to [-1, 1] and resized to the UNet's native resolution
+    (``engine.resolution``: 64×64 for IF). Returns ``loss_sds`` (0.5·‖x − (x − grad)‖²
     / B), ``grad_norm``, ``min_step``, ``max_step``, ``perp_neg_branches``, ``nonfinite`` and ``eval``
     when asked. ``t`` and ``noise`` override the random draws, otherwise drawn from ``generator``
     or the global RNG in threestudio's order (timesteps, then noise); ``controls`` act on ``cond``
@@ -256,7 +291,8 @@ def if_sds_step(
     if settings.use_img_loss:
         raise ValueError("use_img_loss: DeepFloyd IF already works in image space")
     x = rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
-    x = F.interpolate(x, (IF_RESOLUTION, IF_RESOLUTION), mode="bilinear", align_corners=False)
+    size = engine.resolution
+    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
 
     t, noise = draw_timesteps_and_noise(engine, x, min_step, max_step, generator, t, noise)
     full_cond = cond

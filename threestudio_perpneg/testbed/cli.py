@@ -1,0 +1,263 @@
+"""``python -m threestudio_perpneg testbed``: train the Janus testbed's prior and classifier, measure its bias.
+
+Subcommands:
+
+* ``train --out DIR``: train the prior (diffusers folder + ``testbed.json``, ``metrics.json``,
+  ``loss.png``); ``--dataset-config FILE`` reads the data knobs (a JSON object of
+  :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig` fields) over the shipped defaults;
+  ``--init-from DIR`` continues from a prior folder's weights.
+* ``train-classifier --out DIR``: train the view/identity classifier.
+* ``bias --out DIR``: the prior-bias cells (front fraction without view words, back / side
+  success with plain CFG) with Wilson intervals: ``DIR/prior_bias.json`` and ``DIR/samples.png``.
+
+Bad arguments exit with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from ..commands.common import CommandError, finite_float, positive_int, run_command
+
+__all__ = ["build_parser", "main"]
+
+
+class TestbedError(CommandError):
+    """A user-facing error of ``testbed`` (exit code 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)
+
+
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "threestudio-perpneg testbed",
+        description="Janus testbed: a small prior trained on procedural head renders.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,train-classifier,bias}")
+    sub.required = True
+
+    train = sub.add_parser("train", help="train the testbed prior (diffusers folder)")
+    train.add_argument("--out", required=True, type=Path, help="output folder")
+    train.add_argument("--steps", type=positive_int, default=None, help="optimiser steps")
+    train.add_argument("--batch-size", type=positive_int, default=None, help="images per step")
+    train.add_argument("--seed", type=_seed, default=None, help="training seed (default 0)")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    train.add_argument(
+        "--dataset-config",
+        type=Path,
+        default=None,
+        help="JSON object of DatasetConfig knobs applied over the shipped defaults",
+    )
+    train.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from this prior folder's weights (same data, architecture, vocabulary)",
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    clf = sub.add_parser("train-classifier", help="train the view/identity classifier")
+    clf.add_argument("--out", required=True, type=Path, help="output folder")
+    clf.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
+    clf.add_argument("--steps", type=positive_int, default=1500, help="optimiser steps")
+    clf.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    bias = sub.add_parser("bias", help="prior bias: front fraction, back/side success with CFG")
+    bias.add_argument("--out", required=True, type=Path, help="output folder")
+    bias.add_argument("--prior", default=None, help="prior folder (default: the shipped one)")
+    bias.add_argument(
+        "--classifier", default=None, help="classifier folder (default: the shipped one)"
+    )
+    bias.add_argument("--n", type=positive_int, default=128, help="samples per cell (default 128)")
+    bias.add_argument(
+        "--guidance-scale",
+        type=lambda v: finite_float(v, "a number"),
+        default=7.5,
+        help="CFG scale s, ε_u + s(ε_c − ε_u) (default 7.5)",
+    )
+    bias.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    bias.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
+    bias.add_argument(
+        "--calibration-log",
+        type=Path,
+        default=None,
+        help="JSON file to which this measurement is appended as a calibration attempt "
+        "(the prior's dataset knobs and recipe -> the three rates)",
+    )
+    bias.add_argument("--note", default="", help="free text stored with the calibration attempt")
+    bias.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _read_knobs(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise TestbedError(f"--dataset-config: cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise TestbedError(f"--dataset-config: {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise TestbedError(f"--dataset-config: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _train(ns: argparse.Namespace) -> None:
+    from .train import TrainConfig, default_dataset_config, train_prior
+
+    knobs = _read_knobs(ns.dataset_config)
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("steps", ns.steps),
+            ("batch_size", ns.batch_size),
+            ("seed", ns.seed),
+            ("threads", ns.threads),
+        )
+        if v is not None
+    }
+    try:
+        dataset = default_dataset_config(**knobs)
+        recipe = TrainConfig(**overrides)
+    except (TypeError, ValueError) as err:
+        raise TestbedError(f"--dataset-config: {err}") from None
+    try:
+        metrics = train_prior(
+            ns.out,
+            dataset,
+            recipe=recipe,
+            overwrite=ns.overwrite,
+            progress=not ns.quiet,
+            init_from=ns.init_from,
+        )
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError) as err:
+        raise TestbedError(str(err)) from None
+    print(
+        f"prior written to {ns.out}: final loss {metrics['final_loss']:.4f}, "
+        f"{metrics['train_seconds'] / 60:.1f} min training on {recipe.threads} thread(s)"
+    )
+
+
+def _train_classifier(ns: argparse.Namespace) -> None:
+    from .classifier import train_classifier
+
+    try:
+        metrics = train_classifier(ns.out, seed=ns.seed, steps=ns.steps, progress=not ns.quiet)
+    except ValueError as err:
+        raise TestbedError(str(err)) from None
+    print(f"classifier written to {ns.out}: {json.dumps(metrics.get('accuracy', metrics))[:200]}")
+
+
+def _bias(ns: argparse.Namespace) -> None:
+    from ..commands.common import versions, write_json
+    from .classifier import load_classifier
+    from .prior import load_prior_path
+    from .protocol2d import bias_summary, measure_prior_bias, save_sample_grid
+
+    try:
+        prior = ns.prior or load_prior_path()
+        classifier = load_classifier(ns.classifier)
+        cells, samples = measure_prior_bias(
+            prior,
+            classifier,
+            n=ns.n,
+            guidance_scale=ns.guidance_scale,
+            steps=ns.steps,
+            seed=ns.seed,
+            progress=not ns.quiet,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise TestbedError(str(err)) from None
+    report = bias_summary(cells)
+    report.update(
+        prior=str(prior),
+        classifier=_classifier_id(ns.classifier),
+        guidance_scale=ns.guidance_scale,
+        steps=ns.steps,
+        seed=ns.seed,
+        versions=versions(),
+    )
+    ns.out.mkdir(parents=True, exist_ok=True)
+    write_json(ns.out / "prior_bias.json", report)
+    save_sample_grid(samples, ns.out / "samples.png")
+    if ns.calibration_log is not None:
+        _append_attempt(ns.calibration_log, prior, report, ns.note)
+    for c in report["cells"]:
+        lo, hi = c["ci95"]
+        print(
+            f"{c['key']:<22} {c['successes']:>4}/{c['n']:<4} = {c['rate']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}]  identity kept {c['identity_kept']}/{c['n']}  "
+            f"views {c['view_counts']}"
+        )
+
+
+def _classifier_id(path: Optional[str]) -> dict:
+    """Which classifier judged the samples: its folder and the sha256 of its weights."""
+    import hashlib
+
+    from .classifier import classifier_path
+
+    folder = Path(path) if path is not None else classifier_path()
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"path": str(folder), "weights_sha256": digest}
+
+
+def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
+    """Append {knobs, recipe, rates, cells} to the calibration log (a JSON object with attempts)."""
+    from ..commands.common import write_json
+    from .prior import load_testbed_config
+    from .protocol2d import CELLS
+
+    data: dict = {"attempts": []}
+    if log.exists():
+        try:
+            data = json.loads(log.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TestbedError(f"--calibration-log: {log} is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
+            raise TestbedError(f"--calibration-log: {log} has no 'attempts' list")
+    meta = load_testbed_config(prior)
+    data["attempts"].append(
+        {
+            "note": note,
+            "dataset": meta["dataset"],
+            "train": meta.get("train"),
+            "guidance_scale": report["guidance_scale"],
+            "steps": report["steps"],
+            "seed": report["seed"],
+            "classifier": report["classifier"],
+            **{key: report[key] for key, _, _ in CELLS},
+            "cells": report["cells"],
+        }
+    )
+    write_json(log, data)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point of ``testbed``; returns the exit code."""
+    parser = build_parser(prog)
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(args)
+    run = {"train": _train, "train-classifier": _train_classifier, "bias": _bias}[ns.command]
+    return run_command(parser.prog, lambda: run(ns), TestbedError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

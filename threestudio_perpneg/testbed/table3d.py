@@ -1,0 +1,170 @@
+"""The 3D table of the Janus testbed: every method on the same seeds, and the rings picture.
+
+Rows have the keys of the benchmark's ``table3d`` (issue 11): ``method, batch, scheme, seeds,
+janus, front_kept, view_accuracy, unet_rows_per_step`` (plus ``identity_agreement`` and
+``seconds``). Objects of one method are optimised together (:func:`.protocol3d.run_objects`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .protocol3d import ObjectResult, Protocol3DConfig, prompt_bank, run_objects
+
+__all__ = ["MethodSpec", "PROTOCOL_METHODS", "run_table3d", "save_rings"]
+
+PathLike = Union[str, Path]
+
+
+class MethodSpec(NamedTuple):
+    """One row of the 3D table: method, cameras per step and Perp-Neg scheme (None if unused)."""
+
+    method: str
+    batch_size: int
+    scheme: Optional[str] = None
+
+
+#: The issue's rows available so far (threestudio's built-in pairing comes in a later step).
+PROTOCOL_METHODS: Tuple[MethodSpec, ...] = (
+    MethodSpec("noview", 4),
+    MethodSpec("vanilla", 1),
+    MethodSpec("vanilla", 4),
+    MethodSpec("ours", 1, "threestudio"),
+    MethodSpec("ours", 4, "threestudio"),
+    MethodSpec("ours", 1, "authors"),
+    MethodSpec("ours", 4, "authors"),
+)
+
+
+def run_table3d(
+    prior_path: PathLike,
+    classifier: Any,
+    seeds: Sequence[int],
+    *,
+    methods: Sequence[MethodSpec] = PROTOCOL_METHODS,
+    base: Optional[Protocol3DConfig] = None,
+    identities: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> Tuple[List[Dict[str, Any]], Dict[MethodSpec, List[ObjectResult]]]:
+    """Every method on the same seeds; seed ``k`` prompts identity ``identities[k % n]``.
+
+    Returns:
+        (rows, results): one row per method with ``method, batch, scheme, seeds, janus``
+        (count), ``front_kept`` (count), ``view_accuracy`` (mean per bucket over seeds),
+        ``identity_agreement`` (mean), ``unet_rows_per_step`` (mean) and ``seconds``; and the
+        objects themselves per method.
+    """
+    from ..engines.pixel import PerpNegIFEngine, load_deepfloyd_if
+    from .dataset import DatasetConfig, base_prompt
+
+    base = base or Protocol3DConfig()
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed, got none")
+    meta = Path(prior_path) / "testbed.json"
+    data = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    dataset = DatasetConfig.from_dict(data["dataset"]) if "dataset" in data else DatasetConfig()
+    idents = tuple(identities or dataset.identities)
+    engine = PerpNegIFEngine(*load_deepfloyd_if(str(prior_path)))
+    banks = {i: prompt_bank(str(prior_path), base_prompt(dataset, i)) for i in idents}
+    rows: List[Dict[str, Any]] = []
+    results: Dict[MethodSpec, List[ObjectResult]] = {}
+    for spec in methods:
+        cfg = Protocol3DConfig(
+            **{
+                **base.to_dict(),
+                "method": spec.method,
+                "batch_size": spec.batch_size,
+                "scheme": spec.scheme or base.scheme,
+            }
+        )
+        seed_ids = [idents[int(seed) % len(idents)] for seed in seeds]
+        objects = run_objects(
+            cfg,
+            [int(s) for s in seeds],
+            prior_path,
+            classifier,
+            [base_prompt(dataset, i) for i in seed_ids],
+            engine=engine,
+            banks=[banks[i] for i in seed_ids],
+            identities=seed_ids,
+            progress=progress,
+        )
+        results[spec] = objects
+        acc = {v: _mean([o.view_accuracy[v] for o in objects]) for v in ("front", "side", "back")}
+        agreement = [o.identity_agreement for o in objects if o.identity_agreement is not None]
+        rows.append(
+            {
+                "method": spec.method,
+                "batch": spec.batch_size,
+                "scheme": spec.scheme,
+                "seeds": len(objects),
+                "janus": sum(o.janus for o in objects),
+                "front_kept": sum(o.front_kept for o in objects),
+                "view_accuracy": acc,
+                "identity_agreement": _mean(agreement) if agreement else None,
+                "unet_rows_per_step": _mean([o.unet_rows_per_step for o in objects]),
+                "seconds": round(sum(o.seconds for o in objects), 1),
+            }
+        )
+    return rows, results
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def save_rings(
+    path: PathLike,
+    results: Mapping[MethodSpec, Sequence[ObjectResult]],
+    *,
+    max_seeds: int = 3,
+    zoom: int = 4,
+) -> Path:
+    """Draw per method the labelled rings of its first seeds into a PNG (written atomically).
+
+    Each ring is one row of views (azimuth 0 first) with the classifier's label under each view
+    (upper case where it disagrees with the camera's true bucket) and the Janus / front-kept
+    verdict at the left.
+    """
+    from PIL import Image, ImageDraw
+
+    from ..commands.common import atomic_write
+
+    rows = [(spec, o) for spec, objs in results.items() for o in list(objs)[:max_seeds]]
+    if not rows:
+        raise ValueError("results: expected at least one object, got none")
+    n = len(rows[0][1].ring_azimuths)
+    cell = rows[0][1].ring_images.shape[-1] * zoom
+    left, text_h = 150, 14
+    width, height = left + n * cell, len(rows) * (cell + text_h) + text_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, a in enumerate(rows[0][1].ring_azimuths):
+        draw.text((left + k * cell + 2, 0), f"{a:g}", fill="black")
+    for r, (spec, obj) in enumerate(rows):
+        y = text_h + r * (cell + text_h)
+        name = spec.method + (f"/{spec.scheme}" if spec.scheme else "")
+        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
+        draw.text((2, y + 2), f"{name} b{spec.batch_size}", fill="black")
+        draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
+        imgs = (obj.ring_images.clamp(0, 1) * 255).round().to(torch.uint8)
+        for k in range(n):
+            tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize(
+                (cell, cell), Image.NEAREST
+            )
+            canvas.paste(tile, (left + k * cell, y))
+            lab, true = obj.ring_labels[k], obj.ring_truth[k]
+            draw.text(
+                (left + k * cell + 2, y + cell),
+                lab if lab == true else lab.upper(),
+                fill="black" if lab == true else "red",
+            )
+    out = Path(path)
+    atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    return out

@@ -30,3 +30,26 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _in_tier(report) -> bool:
+    # Module-level skips are collection reports of a whole test_threestudio_* file (no keywords).
+    if "threestudio" in getattr(report, "keywords", {}):
+        return True
+    return os.path.basename(report.nodeid.split("::")[0]).startswith("test_threestudio_")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line `.ci/run` checks: how many threestudio-tier tests passed, failed, were skipped."""
+    counts = {
+        outcome: sum(
+            1
+            for r in terminalreporter.stats.get(outcome, [])
+            if _in_tier(r) and (outcome != "passed" or r.when == "call")
+        )
+        for outcome in ("passed", "failed", "error", "skipped")
+    }
+    terminalreporter.write_line(
+        "threestudio tier: {passed} passed, {failed} failed, {error} errors, "
+        "{skipped} skipped".format(**counts)
+    )

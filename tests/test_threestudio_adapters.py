@@ -185,6 +185,7 @@ def test_guidance_eval_images_for_a_batch(tiny_sd_path, workdir):
         max_step_percent=0.03,
     )
     el, az, dist = _cameras([0.0, 180.0])
+    guidance.update_step(0, 0)  # applies min/max_step_percent: t in [20, 30]
     torch.manual_seed(0)
     out = guidance(torch.rand(2, 32, 32, 3), prompt_utils, el, az, dist, guidance_eval=True)
     ev = out["eval"]

@@ -32,11 +32,19 @@ def one_cpu_thread():
     torch.set_num_threads(n)
 
 
+_TIER_NODEIDS: set = set()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    _TIER_NODEIDS.update(item.nodeid for item in items if item.get_closest_marker("threestudio"))
+
+
 def _in_tier(report) -> bool:
-    # Module-level skips are collection reports of a whole test_threestudio_* file (no keywords).
-    if "threestudio" in getattr(report, "keywords", {}):
+    if report.nodeid in _TIER_NODEIDS:
         return True
-    return os.path.basename(report.nodeid.split("::")[0]).startswith("test_threestudio_")
+    # Module-level skips are collection reports of a whole test_threestudio_* file (no items).
+    path = report.nodeid.split("::")[0]
+    return "::" not in report.nodeid and os.path.basename(path).startswith("test_threestudio_")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

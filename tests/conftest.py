@@ -30,3 +30,34 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_TIER_NODEIDS: set = set()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    _TIER_NODEIDS.update(item.nodeid for item in items if item.get_closest_marker("threestudio"))
+
+
+def _in_tier(report) -> bool:
+    if report.nodeid in _TIER_NODEIDS:
+        return True
+    # Module-level skips are collection reports of a whole test_threestudio_* file (no items).
+    path = report.nodeid.split("::")[0]
+    return "::" not in report.nodeid and os.path.basename(path).startswith("test_threestudio_")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line `.ci/run` checks: how many threestudio-tier tests passed, failed, were skipped."""
+    counts = {
+        outcome: sum(
+            1
+            for r in terminalreporter.stats.get(outcome, [])
+            if _in_tier(r) and (outcome != "passed" or r.when == "call")
+        )
+        for outcome in ("passed", "failed", "error", "skipped")
+    }
+    terminalreporter.write_line(
+        "threestudio tier: {passed} passed, {failed} failed, {error} errors, "
+        "{skipped} skipped".format(**counts)
+    )

@@ -79,12 +79,16 @@ def test_tiny_if_layout(tiny_if_path, engine):
 
 def test_gradients_flow_to_rgb(engine, bank):
     cams = _cams([0.0, 90.0])
-    rgb = torch.rand(2, 48, 48, 3, requires_grad=True)
+    rgb = torch.rand(2, 64, 64, 3, requires_grad=True)
     out = _step(engine, rgb, _cond(bank, cams[0], cams[1]), cams)
     out["loss_sds"].backward()
     assert rgb.grad is not None and torch.isfinite(rgb.grad).all()
-    assert rgb.grad.abs().sum() > 0
     assert float(out["nonfinite"]) == 0.0
+    # At 64 px x = 2·rgb − 1 and loss = ½‖g‖²/B with d loss/d x = g/B, so d loss/d rgb = 2g/B and
+    # loss = B·‖d loss/d rgb‖²/8: the gradient reaches the renders with the mapping's factor 2.
+    expected = 2 * float(rgb.grad.double().pow(2).sum()) / 8
+    assert float(out["loss_sds"].detach()) == pytest.approx(expected, rel=1e-4)
+    assert expected > 0
 
 
 def test_batch_of_three_equals_three_single_calls(engine, bank):
@@ -163,9 +167,11 @@ def test_guidance_eval_with_perp_neg_returns_images(engine, bank):
     cams = _cams([0.0, 180.0])
     cond = _cond(bank, cams[0], cams[1])
     assert cond.perp_neg and cond.negative.shape[0] > 0
+    rgb = torch.rand(2, 64, 64, 3)
+    t, noise = torch.tensor([25, 30]), torch.randn(2, 3, 64, 64)
     out = _step(
         engine,
-        torch.rand(2, 32, 32, 3),
+        rgb,
         cond,
         cams,
         min_step=20,
@@ -173,12 +179,21 @@ def test_guidance_eval_with_perp_neg_returns_images(engine, bank):
         guidance_eval=True,
         max_items_eval=2,
         generator=torch.Generator().manual_seed(0),
+        t=t,
+        noise=noise,
     )
     ev = out["eval"]
     assert ev["bs"] == 2 and len(ev["texts"]) == 2 and len(ev["noise_levels"]) == 2
     for key in ("imgs_noisy", "imgs_1step", "imgs_1orig", "imgs_final"):
         assert ev[key].shape == (2, 64, 64, 3)
         assert torch.isfinite(ev[key]).all()
+    # The noisy images are x_t = √ᾱ·(2·rgb − 1) + σ·ε shown in [0, 1], per sample.
+    ac = engine.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * (rgb.permute(0, 3, 1, 2) * 2 - 1) + (1 - ac).sqrt() * noise
+    expected = (x_t / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(ev["imgs_noisy"], expected, rtol=1e-5, atol=1e-5)
+    # Noise levels: the 50-step grid's step at or below each t, over 1000.
+    assert all(0 < n <= tt / 1000 for n, tt in zip(ev["noise_levels"], [25, 30]))
     # The training scheduler was not switched to 50 inference steps.
     assert engine.scheduler.num_inference_steps is None
 

@@ -9,7 +9,7 @@ from typing import List, Tuple
 
 import pytest
 
-from threestudio_perpneg import link
+from threestudio_perpneg.commands import link
 from threestudio_perpneg.commands.link import (
     SHIM_SOURCE,
     is_threestudio_checkout,

@@ -259,6 +259,10 @@ def test_loss_backpropagates_to_rgb(engine: PerpNegSDSEngine, bank: PromptBank) 
     cond = step_conditioning(bank, cams["elevation"], cams["azimuth"], scheme=ThreestudioScheme())
     rgb = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     rgb.requires_grad_(True)
+    t, noise = (
+        torch.tensor([300]),
+        torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)),
+    )
     out = sds_step(
         engine,
         rgb,
@@ -266,15 +270,34 @@ def test_loss_backpropagates_to_rgb(engine: PerpNegSDSEngine, bank: PromptBank) 
         settings(),
         min_step=MIN_STEP,
         max_step=MAX_STEP,
-        generator=torch.Generator().manual_seed(1),
+        generator=torch.Generator().manual_seed(1),  # the VAE sample only: t and noise given
+        t=t,
+        noise=noise,
         **cams,
     )
     loss = out["loss_sds"]
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert rgb.grad is not None
-    assert torch.isfinite(rgb.grad).all()
-    assert rgb.grad.abs().sum() > 0
+    # Independent chain: 512 px bilinear resize, x ↦ 2x − 1, VAE posterior sample · scaling factor,
+    # then the branch-by-branch Perp-Neg gradient pulled back through it.
+    r = rgb.detach().clone().requires_grad_(True)
+    x512 = F.interpolate(r.permute(0, 3, 1, 2), (512, 512), mode="bilinear", align_corners=False)
+    dist = engine.vae.encode(x512 * 2 - 1).latent_dist
+    z = dist.sample(generator=torch.Generator().manual_seed(1)) * engine.vae.config.scaling_factor
+    g = reference_perp_neg_grad(
+        engine.unet,
+        engine.scheduler,
+        bank,
+        ThreestudioScheme(),
+        cams,
+        z.detach(),
+        t,
+        noise,
+        settings().scale,
+    )
+    (z * g).sum().backward()
+    assert float((rgb.grad - r.grad).norm() / r.grad.norm()) < 1e-3
     assert out["min_step"] == MIN_STEP and out["max_step"] == MAX_STEP
     assert out["perp_neg_branches"] == cond.branches
     assert float(out["nonfinite"]) == 0.0

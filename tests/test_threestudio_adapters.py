@@ -185,6 +185,7 @@ def test_guidance_eval_images_for_a_batch(tiny_sd_path, workdir):
         max_step_percent=0.03,
     )
     el, az, dist = _cameras([0.0, 180.0])
+    guidance.update_step(0, 0)  # applies min/max_step_percent: t in [20, 30]
     torch.manual_seed(0)
     out = guidance(torch.rand(2, 32, 32, 3), prompt_utils, el, az, dist, guidance_eval=True)
     ev = out["eval"]
@@ -192,6 +193,12 @@ def test_guidance_eval_images_for_a_batch(tiny_sd_path, workdir):
     for key in ("imgs_noisy", "imgs_1step", "imgs_1orig", "imgs_final"):
         assert ev[key].shape == (2, 512, 512, 3)
         assert torch.isfinite(ev[key]).all()
+    # Each caption is its own sample's camera (per-sample conditioning: test_guidance_eval_batch).
+    assert [c.split("\n")[1:] for c in ev["texts"]] == [
+        ["e0.0", "a0.0", "c1.50"],
+        ["e0.0", "a180.0", "c1.50"],
+    ]
+    assert all(0 < n <= 0.03 for n in ev["noise_levels"])
 
 
 def test_update_step_schedules_and_sqrt_anneal(tiny_sd_path, workdir):

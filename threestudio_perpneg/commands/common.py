@@ -103,14 +103,23 @@ def first_line(err: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------- argument types
-def positive_int(value: str) -> int:
+def _int_at_least(value: str, lo: int, expected: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if n < lo:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return n
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "a positive integer")
+
+
+def nonnegative_int(value: str) -> int:
+    """An integer >= 0 (seeds)."""
+    return _int_at_least(value, 0, "an integer >= 0")
 
 
 def finite_float(value: str, what: str = "a number") -> float:

@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from ..commands.common import CommandError, finite_float, positive_int, run_command
+from ..commands.common import (
+    CommandError,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+    run_command,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -31,16 +37,6 @@ class TestbedError(CommandError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
-
-
-def _seed(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -55,7 +51,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="output folder")
     train.add_argument("--steps", type=positive_int, default=None, help="optimiser steps")
     train.add_argument("--batch-size", type=positive_int, default=None, help="images per step")
-    train.add_argument("--seed", type=_seed, default=None, help="training seed (default 0)")
+    train.add_argument(
+        "--seed", type=nonnegative_int, default=None, help="training seed (default 0)"
+    )
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument(
         "--dataset-config",
@@ -73,7 +71,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
     clf = sub.add_parser("train-classifier", help="train the view/identity classifier")
     clf.add_argument("--out", required=True, type=Path, help="output folder")
-    clf.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
+    clf.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
     clf.add_argument("--steps", type=positive_int, default=1500, help="optimiser steps")
     clf.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -91,7 +89,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="CFG scale s, ε_u + s(ε_c − ε_u) (default 7.5)",
     )
     bias.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    bias.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
+    bias.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed (default 0)")
     bias.add_argument(
         "--calibration-log",
         type=Path,

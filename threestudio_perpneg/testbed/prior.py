@@ -41,6 +41,7 @@ from ..tiny.builders import (
     _save,
     _save_text_encoder,
     _write_json,
+    write_tokenizer,
 )
 
 __all__ = [
@@ -193,33 +194,6 @@ def build_vocab(merges: Sequence[Tuple[str, str]]) -> Dict[str, int]:
             seen.add(a + b)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}
-
-
-def write_tokenizer(
-    folder: Path, vocab: Mapping[str, int], merges: Sequence[Tuple[str, str]], max_length: int
-) -> None:
-    """Slow ``CLIPTokenizer`` files only (no tokenizer.json): transformers 4.28 and 5.x read them."""
-    folder.mkdir(parents=True)
-    _write_json(folder / "vocab.json", dict(vocab))
-    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (folder / "merges.txt").write_text(text, encoding="utf-8")
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-    }
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": max_length,
-            "do_lower_case": True,
-            "errors": "replace",
-            **special,
-        },
-    )
 
 
 def unet_config(cfg: PriorConfig) -> Dict[str, Any]:

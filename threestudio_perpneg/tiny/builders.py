@@ -15,7 +15,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["build_tiny_clip", "build_tiny_deepfloyd_if", "build_tiny_stable_diffusion"]
 
@@ -144,12 +144,17 @@ def _write_json(path: pathlib.Path, obj: dict[str, Any]) -> None:
     )
 
 
-def _write_tokenizer(folder: pathlib.Path, vocab: dict[str, int]) -> None:
-    """Writes slow-tokenizer files only (no `tokenizer.json`), readable by transformers 4.x and 5.x."""
+def write_tokenizer(
+    folder: pathlib.Path,
+    vocab: Mapping[str, int],
+    merges: Sequence[tuple[str, str]] = MERGES,
+    max_length: int = MODEL_MAX_LENGTH,
+) -> None:
+    """Slow ``CLIPTokenizer`` files only (no tokenizer.json): transformers 4.28 and 5.x read them."""
     folder.mkdir(parents=True)
-    _write_json(folder / "vocab.json", vocab)
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
-    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    _write_json(folder / "vocab.json", dict(vocab))
+    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    (folder / "merges.txt").write_text(text, encoding="utf-8")
     special_tokens = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
@@ -161,7 +166,7 @@ def _write_tokenizer(folder: pathlib.Path, vocab: dict[str, int]) -> None:
         folder / "tokenizer_config.json",
         {
             "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MODEL_MAX_LENGTH,
+            "model_max_length": max_length,
             "do_lower_case": True,
             "errors": "replace",
             **special_tokens,
@@ -221,7 +226,7 @@ def _build_into(folder: pathlib.Path, seed: int) -> None:
     _save(unet, folder / "unet")
     _save(vae, folder / "vae")
     _save_text_encoder(text_encoder, folder / "text_encoder")
-    _write_tokenizer(folder / "tokenizer", vocab)
+    write_tokenizer(folder / "tokenizer", vocab)
     scheduler: Any = DDIMScheduler(**SCHEDULER_CONFIG)
     scheduler.save_pretrained(folder / "scheduler")
     _write_json(
@@ -299,7 +304,7 @@ def _build_clip_into(folder: pathlib.Path, seed: int) -> None:
     vocab = _tokenizer_vocab()
     # Slow-tokenizer files only (vocab.json, merges.txt, ...): `CLIPProcessor.save_pretrained` of transformers 5
     # writes a tokenizer.json (and no vocab.json / merges.txt) that transformers 4.28 cannot read.
-    _write_tokenizer(folder, vocab)
+    write_tokenizer(folder, vocab)
     text_config = {
         "vocab_size": len(vocab),
         "bos_token_id": vocab[BOS_TOKEN],

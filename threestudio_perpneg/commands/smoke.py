@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..common.io import output_folder
+from ..common.io import output_folder, pil_nearest
 from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
 from ..core.text import resolve_pretrained, text_embeddings, view_prompts
 from ..core.views import VIEW_NAMES, ViewThresholds, make_scheme, view_weights
@@ -197,7 +197,7 @@ def _grid_image(images: Tensor, labels: Sequence[str]) -> Any:
     tile = geo["tile"]
     grid = Image.new("RGB", (geo["width"], geo["height"]), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    nearest = getattr(Image, "Resampling", Image).NEAREST  # Pillow >= 9.1 moved the constants
+    nearest = pil_nearest()
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     for i in range(b):
         row, col = divmod(i, geo["columns"])

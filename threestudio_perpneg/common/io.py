@@ -84,6 +84,13 @@ def write_json_atomic(
     write_text_atomic(path, text)
 
 
+def pil_nearest() -> Any:
+    """Pillow's nearest-neighbour resampling filter (``Image.Resampling.NEAREST`` from Pillow 9.1)."""
+    from PIL import Image
+
+    return getattr(Image, "Resampling", Image).NEAREST
+
+
 def save_image_atomic(path: PathLike, image: Any, format: str = "PNG", **options: Any) -> None:
     """A PIL image (or anything with ``save(path, format=...)``) saved atomically."""
     atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))

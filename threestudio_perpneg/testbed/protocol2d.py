@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..common.io import pil_nearest
 from ..core.guidance import perp_neg_guidance
 from ..eval.stats import wilson_interval
 
@@ -242,5 +243,5 @@ def save_sample_grid(samples: Dict[str, Tensor], path: Path, per_row: int = 16) 
         rows.append(torch.zeros(2, per_row * r, 3))
     img = (torch.cat(rows).numpy() * 255).astype(np.uint8)
     pil = Image.fromarray(img)
-    pil = pil.resize((pil.width * 4, pil.height * 4), Image.NEAREST)
+    pil = pil.resize((pil.width * 4, pil.height * 4), pil_nearest())
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))

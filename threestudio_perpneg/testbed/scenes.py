@@ -235,7 +235,7 @@ def identity_textures(
     return tex.clamp(0.0, 1.0)
 
 
-def _as_batch(key: str, value: Union[float, Tensor], n: int) -> Tensor:
+def _as_batch(key: str, value: Union[float, Tensor, Sequence[float]], n: int) -> Tensor:
     t = torch.as_tensor(value, dtype=torch.float32)
     if t.dim() == 0:
         t = t.expand(n)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
+from ..common.io import pil_nearest
 from .protocol3d import ObjectResult, Protocol3DConfig, prompt_bank, run_objects
 
 __all__ = ["MethodSpec", "PROTOCOL_METHODS", "run_table3d", "save_rings"]
@@ -156,7 +157,7 @@ def save_rings(
         imgs = (obj.ring_images.clamp(0, 1) * 255).round().to(torch.uint8)
         for k in range(n):
             tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize(
-                (cell, cell), Image.NEAREST
+                (cell, cell), pil_nearest()
             )
             canvas.paste(tile, (left + k * cell, y))
             lab, true = obj.ring_labels[k], obj.ring_truth[k]

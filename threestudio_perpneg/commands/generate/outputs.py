@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
-from ...common.io import save_image_atomic
+from ...common.io import pil_nearest, save_image_atomic
 from .args import CHAR_WIDTH, GAP, LABEL_HEIGHT, MIN_TILE, SIDECAR_NAME
 
 __all__ = ["grid_geometry", "grid_image", "image_meta", "save_png"]
@@ -61,7 +61,7 @@ def grid_image(
     sx, sy = tw + GAP, th + GAP  # tile pitch
     grid = Image.new("RGB", (geo["width"], geo["height"]), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    nearest = getattr(Image, "Resampling", Image).NEAREST
+    nearest = pil_nearest()
     for c, text in enumerate(column_labels):
         draw.text((lw + c * sx + 3, 3), text, fill=(0, 0, 0))
     for r, text in enumerate(row_labels):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..common.io import atomic_write
 from .views import VIEW_NAMES
 
 __all__ = [
@@ -153,20 +153,10 @@ class EmbeddingCache:
         """Write atomically: a reader sees the old file, the new file, or none."""
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(model, prompt)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(
-                {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()},
-                tmp,
-                metadata={"model": model, "prompt": prompt, "namespace": self.namespace},
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {"embedding": embedding.detach().to("cpu", torch.float32).contiguous()}
+        metadata = {"model": model, "prompt": prompt, "namespace": self.namespace}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
 

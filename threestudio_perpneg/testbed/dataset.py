@@ -98,6 +98,11 @@ class DatasetConfig:
             wrong and in which direction). Default: correct 70 %, otherwise uniform over the
             other two of front/side/back (:func:`confusion_matrix` with 0.3); an overhead row is
             needed only when overhead renders are drawn.
+        identity_view_phrase_matrix: per-identity replacements of ``view_phrase_matrix``
+            (identity word -> matrix of the same form); identities not named use
+            ``view_phrase_matrix``. One prior trained with a different view-phrase reliability
+            per identity is a calibration sweep in a single training run (the shipped prior does
+            this). Default {} (every identity uses ``view_phrase_matrix``).
         templates: caption templates, each with ``{identity}`` and ``{view}`` (replaced by
             ``", back view"`` or by nothing), the view phrase a minor part of a longer caption.
             The first template with an empty view is the protocols' base prompt.
@@ -126,6 +131,9 @@ class DatasetConfig:
     view_phrase_prob: float = 0.3
     view_phrase_matrix: Dict[str, Dict[str, float]] = field(
         default_factory=lambda: confusion_matrix(0.3)
+    )
+    identity_view_phrase_matrix: Dict[str, Dict[str, Dict[str, float]]] = field(
+        default_factory=dict
     )
     templates: Tuple[str, ...] = field(default_factory=_default_templates)
     identities: Tuple[str, ...] = scenes.IDENTITIES
@@ -166,19 +174,21 @@ class DatasetConfig:
                 f"view_phrase_matrix: expected a mapping true view -> {{written view: probability}}, "
                 f"got {self.view_phrase_matrix!r}"
             )
-        matrix = {}
-        for true_view, row in self.view_phrase_matrix.items():
-            _view_name("view_phrase_matrix", true_view)
-            matrix[true_view] = _distribution(
-                f"view_phrase_matrix.{true_view}", row, complete=False
+        self.view_phrase_matrix = self._matrix("view_phrase_matrix", self.view_phrase_matrix)
+        if not isinstance(self.identity_view_phrase_matrix, Mapping):
+            raise ValueError(
+                f"identity_view_phrase_matrix: expected a mapping identity -> view phrase "
+                f"matrix, got {self.identity_view_phrase_matrix!r}"
             )
-        for v, p in self.view_frequencies.items():
-            if p > 0 and self.view_phrase_prob > 0 and v not in matrix:
+        per_identity = {}
+        for ident, m in self.identity_view_phrase_matrix.items():
+            if ident not in scenes.IDENTITIES:
                 raise ValueError(
-                    f"view_phrase_matrix: expected a row for true view {v!r} (drawn with "
-                    f"probability {p}), got rows {sorted(matrix)}"
+                    f"identity_view_phrase_matrix: unknown identity {ident!r}, expected one of "
+                    f"{scenes.IDENTITIES}"
                 )
-        self.view_phrase_matrix = matrix
+            per_identity[ident] = self._matrix(f"identity_view_phrase_matrix.{ident}", m)
+        self.identity_view_phrase_matrix = per_identity
         if isinstance(self.templates, str) or not self.templates:
             raise ValueError(
                 f"templates: expected a non-empty list of strings, got {self.templates!r}"
@@ -205,6 +215,29 @@ class DatasetConfig:
                 raise ValueError(
                     f"identities: unknown identity {ident!r}, expected a subset of {scenes.IDENTITIES}"
                 )
+
+    def _matrix(self, key: str, value: Any) -> Dict[str, Dict[str, float]]:
+        """A checked true view -> written view distribution, with a row for every drawn view."""
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"{key}: expected a mapping true view -> {{written view: probability}}, "
+                f"got {value!r}"
+            )
+        matrix = {}
+        for true_view, row in value.items():
+            _view_name(key, true_view)
+            matrix[true_view] = _distribution(f"{key}.{true_view}", row, complete=False)
+        for v, p in self.view_frequencies.items():
+            if p > 0 and self.view_phrase_prob > 0 and v not in matrix:
+                raise ValueError(
+                    f"{key}: expected a row for true view {v!r} (drawn with "
+                    f"probability {p}), got rows {sorted(matrix)}"
+                )
+        return matrix
+
+    def phrase_matrix(self, identity: str) -> Dict[str, Dict[str, float]]:
+        """The view phrase matrix used for captions of ``identity``."""
+        return self.identity_view_phrase_matrix.get(identity, self.view_phrase_matrix)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples as lists)."""
@@ -369,7 +402,7 @@ def sample_batch(cfg: DatasetConfig, n: int, generator: torch.Generator) -> Batc
         if not bool(has_phrase[i]):
             written.append(None)
             continue
-        row = cfg.view_phrase_matrix[v]
+        row = cfg.phrase_matrix(ids[i])[v]
         names = list(row)
         j = int(_choice([row[k] for k in names], 1, generator)[0])
         written.append(names[j])

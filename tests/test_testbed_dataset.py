@@ -131,8 +131,52 @@ def test_json_round_trip_and_strict_keys() -> None:
         ({"identities": ["dog"]}, "identities: unknown identity 'dog'"),
         ({"elevation_range_deg": (0.0, 80.0)}, "elevation_range_deg"),
         ({"resolution": 4}, "resolution"),
+        (
+            {"identity_view_phrase_matrix": {"dog": D.confusion_matrix(0.1)}},
+            "identity_view_phrase_matrix: unknown identity 'dog'",
+        ),
+        (
+            {"identity_view_phrase_matrix": {"alien": {"front": {"front": 1.0}}}},
+            "identity_view_phrase_matrix.alien: expected a row for true view 'side'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         D.DatasetConfig(**kwargs)
+
+
+def test_per_identity_phrase_matrices_are_followed() -> None:
+    # alien: always right; troll: a "back" render is always captioned "front"; others: default.
+    always = D.confusion_matrix(0.0)
+    wrong = {**D.confusion_matrix(0.3), "back": {"front": 1.0, "side": 0.0, "back": 0.0}}
+    cfg = D.DatasetConfig(
+        resolution=8,
+        texture_size=8,
+        view_frequencies={"front": 0.4, "side": 0.3, "back": 0.3, "overhead": 0.0},
+        view_phrase_prob=1.0,
+        identity_view_phrase_matrix={"alien": always, "troll": wrong},
+    )
+    b = D.sample_batch(cfg, 3000, torch.Generator().manual_seed(1))
+    pairs = list(zip(b.identities, b.views, b.written_views))
+    alien = [(v, w) for i, v, w in pairs if i == "alien"]
+    troll_backs = [w for i, v, w in pairs if i == "troll" and v == "back"]
+    robot_backs = [w for i, v, w in pairs if i == "robot" and v == "back"]
+    assert alien and all(v == w for v, w in alien)
+    assert troll_backs and set(troll_backs) == {"front"}
+    assert _within(sum(w == "back" for w in robot_backs), len(robot_backs), 0.7)
+    assert cfg.phrase_matrix("troll") == wrong and cfg.phrase_matrix("clown") == cfg.view_phrase_matrix
+    again = D.DatasetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_calibration_reliability_is_bayes_rule() -> None:
+    from threestudio_perpneg.testbed.calibrate import phrase_reliability
+
+    cfg = D.DatasetConfig(
+        view_frequencies={"front": 0.7, "side": 0.2, "back": 0.1, "overhead": 0.0},
+        identity_view_phrase_matrix={"troll": D.confusion_matrix(0.5)},
+    )
+    # P(back | says back) = 0.1*0.5 / (0.1*0.5 + 0.7*0.25 + 0.2*0.25), by hand.
+    assert phrase_reliability(cfg, "troll") == pytest.approx(0.05 / 0.275)
+    assert phrase_reliability(cfg, "alien") == pytest.approx(0.07 / (0.07 + 0.105 + 0.03))

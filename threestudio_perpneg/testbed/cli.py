@@ -9,6 +9,10 @@ Subcommands:
 * ``train-classifier --out DIR``: train the view/identity classifier.
 * ``bias --out DIR``: the prior-bias cells (front fraction without view words, back / side
   success with plain CFG) with Wilson intervals: ``DIR/prior_bias.json`` and ``DIR/samples.png``.
+* ``bench --out DIR [--quick]``: the benchmark (:mod:`.bench`): prior bias, the 2D table and the
+  3D table printed, ``DIR/testbed.json`` and ``DIR/rings.png``.
+* ``calibrate --out DIR``: the vanilla / no-view Janus rate per identity against its captions'
+  view-phrase reliability (:mod:`.calibrate`): ``DIR/calibration.json`` and ``.png``.
 
 Bad arguments exit with code 2 and a one-line message.
 """
@@ -44,7 +48,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog or "threestudio-perpneg testbed",
         description="Janus testbed: a small prior trained on procedural head renders.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,train-classifier,bias}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,train-classifier,bias,bench,calibrate}")
     sub.required = True
 
     train = sub.add_parser("train", help="train the testbed prior (diffusers folder)")
@@ -99,7 +103,76 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     bias.add_argument("--note", default="", help="free text stored with the calibration attempt")
     bias.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench = sub.add_parser("bench", help="benchmark: prior bias, 2D and 3D tables, rings.png")
+    calib = sub.add_parser("calibrate", help="vanilla Janus rate against view-phrase reliability")
+    for p, seeds, steps3d, n2d in ((bench, 16, 400, 128), (calib, 16, 400, 128)):
+        p.add_argument("--out", required=True, type=Path, help="output folder")
+        p.add_argument("--prior", default=None, help="prior folder (default: the shipped one)")
+        p.add_argument(
+            "--classifier", default=None, help="classifier folder (default: the shipped one)"
+        )
+        p.add_argument(
+            "--seeds", type=positive_int, default=None, help=f"3D objects per method (default {seeds})"
+        )
+        p.add_argument(
+            "--steps3d", type=positive_int, default=None, help=f"SDS steps per object (default {steps3d})"
+        )
+        p.add_argument(
+            "--n2d", type=positive_int, default=None, help=f"samples per 2D cell (default {n2d})"
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (4 seeds, 60 SDS steps, 16 samples per 2D cell, 15 DDIM steps)",
+    )
+    bench.add_argument(
+        "--identity", default=None, help="prompted identity (default: the calibrated one, troll)"
+    )
     return parser
+
+
+def _bench(ns: argparse.Namespace) -> None:
+    from .bench import BenchConfig, run_bench
+
+    sizes = {
+        k: v
+        for k, v in (("seeds", ns.seeds), ("steps3d", ns.steps3d), ("n2d", ns.n2d))
+        if v is not None
+    }
+    if ns.identity is not None:
+        sizes["identity"] = ns.identity
+    config = BenchConfig.quick(**sizes) if ns.quick else BenchConfig(**sizes)
+    try:
+        run_bench(
+            ns.out,
+            config,
+            prior_path=ns.prior,
+            classifier_path=ns.classifier,
+            progress=not ns.quiet,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise TestbedError(str(err)) from None
+
+
+def _calibrate(ns: argparse.Namespace) -> None:
+    from .calibrate import run_calibration
+
+    sizes = {
+        k: v
+        for k, v in (("seeds", ns.seeds), ("steps3d", ns.steps3d), ("n2d", ns.n2d))
+        if v is not None
+    }
+    try:
+        run_calibration(
+            ns.out,
+            prior_path=ns.prior,
+            classifier_path=ns.classifier,
+            progress=not ns.quiet,
+            **sizes,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise TestbedError(str(err)) from None
 
 
 def _read_knobs(path: Optional[Path]) -> dict:
@@ -253,7 +326,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     parser = build_parser(prog)
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(args)
-    run = {"train": _train, "train-classifier": _train_classifier, "bias": _bias}[ns.command]
+    run = {
+        "train": _train,
+        "train-classifier": _train_classifier,
+        "bias": _bias,
+        "bench": _bench,
+        "calibrate": _calibrate,
+    }[ns.command]
     return run_command(parser.prog, lambda: run(ns), TestbedError)
 
 

@@ -17,7 +17,7 @@ import torch
 from ..common.io import pil_nearest
 from .protocol3d import ObjectResult, Protocol3DConfig, prompt_bank, run_objects
 
-__all__ = ["MethodSpec", "PROTOCOL_METHODS", "run_table3d", "save_rings"]
+__all__ = ["MethodSpec", "PROTOCOL_METHODS", "bench_methods", "run_table3d", "save_rings"]
 
 PathLike = Union[str, Path]
 
@@ -40,6 +40,25 @@ PROTOCOL_METHODS: Tuple[MethodSpec, ...] = (
     MethodSpec("ours", 1, "authors"),
     MethodSpec("ours", 4, "authors"),
 )
+
+
+def bench_methods() -> Tuple[MethodSpec, ...]:
+    """The benchmark's rows: the control, vanilla, threestudio's built-in pairing and ours.
+
+    no view words and vanilla at batch 1 and 4, threestudio's built-in Perp-Neg (its ``[i::2]``
+    pairing, 4 rows per camera) at batch 1 and 4, ours with both schemes at batch 1 and 4.
+    """
+    from .protocol3d import METHODS
+
+    rows = [MethodSpec("noview", 1), MethodSpec("noview", 4)]
+    rows += [m for m in PROTOCOL_METHODS if m.method == "vanilla"]
+    if "threestudio-builtin" in METHODS:
+        rows += [
+            MethodSpec("threestudio-builtin", 1, "threestudio"),
+            MethodSpec("threestudio-builtin", 4, "threestudio"),
+        ]
+    rows += [m for m in PROTOCOL_METHODS if m.method == "ours"]
+    return tuple(rows)
 
 
 def run_table3d(

@@ -27,6 +27,7 @@ from typing import Any, List, Optional, Sequence
 
 from ..commands.common import (
     CommandError,
+    OneLineParser,
     finite_float,
     nonnegative_int,
     positive_int,
@@ -44,7 +45,7 @@ class TestbedError(CommandError):
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog or "threestudio-perpneg testbed",
         description="Janus testbed: a small prior trained on procedural head renders.",
     )

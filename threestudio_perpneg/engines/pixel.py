@@ -27,6 +27,7 @@ from ..core.controls import PerpNegControls, apply_controls
 from ..core.guidance import GuidancePredictions, perp_neg_guidance
 from ..core.text import resolve_pretrained
 from .sd import (
+    GuidedNoise,
     PerpNegSDSEngine,
     SDSSettings,
     _full_precision,
@@ -274,6 +275,7 @@ def if_sds_step(
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     controls: Optional[PerpNegControls] = None,
+    guided_noise: Optional[GuidedNoise] = None,
 ) -> Dict[str, Any]:
     """One pixel-space guidance step on renders ``rgb`` ``[B, H, W, 3]`` in [0, 1], threestudio's contract.
 
@@ -282,8 +284,11 @@ def if_sds_step(
     / B), ``grad_norm``, ``min_step``, ``max_step``, ``perp_neg_branches``, ``nonfinite`` and ``eval``
     when asked. ``t`` and ``noise`` override the random draws, otherwise drawn from ``generator``
     or the global RNG in threestudio's order (timesteps, then noise); ``controls`` act on ``cond``
-    after them, as in :func:`~.sd.sds_step`.
+    after them, as in :func:`~.sd.sds_step`. ``guided_noise`` replaces the engine's guided noise
+    as there (the learned variance is then not used; no ``guidance_eval`` with it).
     """
+    if guided_noise is not None and guidance_eval:
+        raise ValueError("guidance_eval: not available with a guided_noise override")
     if rgb.dim() != 4 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb: expected shape [B, H, W, 3], got {tuple(rgb.shape)}")
     if settings.use_sjc:
@@ -301,19 +306,24 @@ def if_sds_step(
     scale = settings.scale
     with torch.no_grad():
         x_noisy = engine.scheduler.add_noise(x, noise, t)
-        eps_hat, variance = engine.guided_noise_and_variance(x_noisy, t, cond, scale)
+        rows_before = engine.unet_branches
+        if guided_noise is None:
+            eps_hat, variance = engine.guided_noise_and_variance(x_noisy, t, cond, scale)
+        else:
+            eps_hat, variance = guided_noise(x_noisy, t, cond, scale), None
         eps_hat, nonfinite = _replace_nonfinite(eps_hat, noise)
         w = engine.sds_weight(t, settings.weighting_strategy)
         grad = w * (eps_hat - noise)
 
     loss_sds, grad = reparameterised_loss(x, grad, grad_clip_val)
+    branches = cond.branches if guided_noise is None else engine.unet_branches - rows_before
 
     out: Dict[str, Any] = {
         "loss_sds": loss_sds,
         "grad_norm": grad.norm(),
         "min_step": min_step,
         "max_step": max_step,
-        "perp_neg_branches": cond.branches,
+        "perp_neg_branches": branches,
         "nonfinite": nonfinite,
     }
     if guidance_eval:

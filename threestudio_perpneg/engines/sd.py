@@ -35,6 +35,7 @@ from ..core.text import resolve_pretrained
 __all__ = [
     "SCALE_CONVENTIONS",
     "WEIGHTING_STRATEGIES",
+    "GuidedNoise",
     "SDSSettings",
     "effective_scale",
     "load_stable_diffusion",
@@ -44,6 +45,9 @@ __all__ = [
 
 SCALE_CONVENTIONS = ("threestudio", "cfg")
 _F = TypeVar("_F", bound=Callable[..., Any])
+#: ``(x_noisy, t, cond, scale) -> ε̂``: a guided-noise override of :func:`sds_step` and
+#: :func:`~.pixel.if_sds_step` (e.g. the testbed's reproduction of threestudio's built-in Perp-Neg).
+GuidedNoise = Callable[[Tensor, Tensor, StepConditioning, float], Tensor]
 
 
 def _full_precision(fn: _F) -> _F:
@@ -439,6 +443,7 @@ def sds_step(
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     controls: Optional[PerpNegControls] = None,
+    guided_noise: Optional[GuidedNoise] = None,
 ) -> Dict[str, Any]:
     """One guidance step on renders ``rgb`` ``[B, H, W, C]`` with threestudio's output contract.
 
@@ -450,7 +455,11 @@ def sds_step(
     order: VAE posterior sample, timesteps, noise. ``controls`` (weight scale, timestep window,
     ``one`` sampling, see :mod:`~..core.controls`) act on ``cond`` after those draws, so negatives
     they drop cost no UNet row; ``perp_neg_branches`` counts the rows actually evaluated.
+    ``guided_noise`` replaces ``engine.guided_noise`` (its rows are counted by the engine's
+    ``unet_branches``; no ``guidance_eval`` with it).
     """
+    if guided_noise is not None and guidance_eval:
+        raise ValueError("guidance_eval: not available with a guided_noise override")
     if rgb.dim() != 4:
         raise ValueError(f"rgb: expected shape [B, H, W, C], got {tuple(rgb.shape)}")
     if rgb_as_latents and settings.use_img_loss:
@@ -463,19 +472,21 @@ def sds_step(
     cond = apply_controls(cond, t, engine.num_train_timesteps, controls, generator)
 
     scale = settings.scale
+    guide = engine.guided_noise if guided_noise is None else guided_noise
+    rows_before = engine.unet_branches
     with torch.no_grad():
         if settings.use_sjc:
             sigma = engine.us[t].view(-1, 1, 1, 1)
             zs = latents + sigma * noise
             model_input = zs / torch.sqrt(1 + sigma**2)
-            eps_hat = engine.guided_noise(model_input, t, cond, scale)
+            eps_hat = guide(model_input, t, cond, scale)
             eps_hat, nonfinite = _replace_nonfinite(eps_hat, noise)
             ds = zs - sigma * eps_hat
             grad = -(ds - latents) / sigma if settings.var_red else -(ds - zs) / sigma
             grad_img = None
         else:
             model_input = engine.scheduler.add_noise(latents, noise, t)
-            eps_hat = engine.guided_noise(model_input, t, cond, scale)
+            eps_hat = guide(model_input, t, cond, scale)
             eps_hat, nonfinite = _replace_nonfinite(eps_hat, noise)
             w = engine.sds_weight(t, settings.weighting_strategy)
             grad = w * (eps_hat - noise)
@@ -487,13 +498,14 @@ def sds_step(
                 grad_img = w * (rgb_512 - denoised) * alpha / sigma
 
     loss_sds, grad = reparameterised_loss(latents, grad, grad_clip_val)
+    branches = cond.branches if guided_noise is None else engine.unet_branches - rows_before
 
     out: Dict[str, Any] = {
         "loss_sds": loss_sds,
         "grad_norm": grad.norm(),
         "min_step": min_step,
         "max_step": max_step,
-        "perp_neg_branches": cond.branches,
+        "perp_neg_branches": branches,
         "nonfinite": nonfinite,
     }
     if grad_img is not None:

@@ -12,7 +12,11 @@ object is scored with the Janus definitions of :mod:`threestudio_perpneg.eval.ja
 
 Methods (``method``): ``noview`` (the plain prompt, the control), ``vanilla`` (DreamFusion's
 view-dependent prompts, plain CFG), ``ours`` (view-dependent Perp-Neg with ``scheme``
-``threestudio`` or ``authors``). threestudio's built-in Perp-Neg pairing comes in a later step.
+``threestudio`` or ``authors``), ``threestudio-builtin`` (threestudio's own Perp-Neg as its
+``stable-diffusion-guidance`` computes it, reproduced by :mod:`.builtin`: ``4·B`` UNet rows a step
+and, for ``B > 1``, each negative evaluated on another camera's image, threestudio issue #456;
+``scheme`` must be ``threestudio``). All methods share the SDS weighting, the loss normalisation,
+the guidance scale convention (``cfg``, which is threestudio's on its Perp-Neg path) and the draws.
 
 Cameras follow threestudio's random-camera data module (``data/uncond.py``): elevation uniform in
 degrees with probability 1/2 and uniform on the sphere otherwise, azimuth stratified over the
@@ -23,6 +27,7 @@ prior never saw overhead views, so the protocol keeps to views it knows.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -40,6 +45,7 @@ from . import scenes
 
 __all__ = [
     "METHODS",
+    "PERP_NEG_METHODS",
     "Protocol3DConfig",
     "ObjectResult",
     "sample_cameras",
@@ -50,7 +56,9 @@ __all__ = [
     "prompt_bank",
 ]
 
-METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours")
+METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours", "threestudio-builtin")
+#: Methods that build Perp-Neg negatives.
+PERP_NEG_METHODS: Tuple[str, ...] = ("ours", "threestudio-builtin")
 PathLike = Union[str, Path]
 
 
@@ -59,8 +67,10 @@ class Protocol3DConfig:
     """One 3D run's settings (every field saved with the results).
 
     Args:
-        method: ``noview``, ``vanilla`` or ``ours`` (see the module docstring). Default vanilla.
-        scheme: Perp-Neg weight scheme of ``ours``: ``threestudio`` or ``authors``.
+        method: ``noview``, ``vanilla``, ``ours`` or ``threestudio-builtin`` (see the module
+            docstring). Default vanilla.
+        scheme: Perp-Neg weight scheme of ``ours``: ``threestudio`` or ``authors``
+            (``threestudio-builtin`` needs ``threestudio``).
         batch_size: cameras per step (1 or 4 in the protocol). Default 4.
         steps: optimiser steps. Default 1500.
         lr: Adam learning rate of the texture logits. Default 0.05.
@@ -103,6 +113,10 @@ class Protocol3DConfig:
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}, expected one of {METHODS}")
         make_scheme(self.scheme)  # validates the scheme name
+        if self.method == "threestudio-builtin" and self.scheme != "threestudio":
+            raise ValueError(
+                f"scheme: method 'threestudio-builtin' needs scheme 'threestudio', got {self.scheme!r}"
+            )
         for key, lo in (
             ("batch_size", 1),
             ("steps", 0),
@@ -326,7 +340,8 @@ def run_objects(
     with ``seeds[k]``.
     """
     from ..engines.pixel import PerpNegIFEngine, if_sds_step, load_deepfloyd_if
-    from ..engines.sd import SDSSettings
+    from ..engines.sd import GuidedNoise, SDSSettings
+    from .builtin import threestudio_guided_noise
 
     n_obj = len(seeds)
     if n_obj == 0 or len(prompts) != n_obj:
@@ -354,6 +369,7 @@ def run_objects(
     n_train = int(engine.scheduler.config.num_train_timesteps)
     min_step, max_step = int(n_train * cfg.min_step_percent), int(n_train * cfg.max_step_percent)
     size, b = engine.resolution, cfg.batch_size
+    builtin = cfg.method == "threestudio-builtin"
 
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (3, cfg.texture_size, 2 * cfg.texture_size)
@@ -368,7 +384,7 @@ def run_objects(
     if progress:
         from tqdm.auto import tqdm
 
-        desc = f"{cfg.method} b{b} {cfg.scheme if cfg.method == 'ours' else ''} x{n_obj}"
+        desc = f"{cfg.method} b{b} {cfg.scheme if cfg.method in PERP_NEG_METHODS else ''} x{n_obj}"
         steps = tqdm(steps, desc=desc, unit="step", leave=False)
     for _ in steps:
         cams, ts, noises, conds = [], [], [], []
@@ -392,11 +408,17 @@ def run_objects(
                     az,
                     scheme=scheme,
                     view_dependent=cfg.method != "noview",
-                    perp_neg=cfg.method == "ours",
+                    perp_neg=cfg.method in PERP_NEG_METHODS,
                 )
             )
-            rows[k] += conds[-1].branches
+            # threestudio-builtin evaluates 4 rows per camera, negatives or not (overhead).
+            rows[k] += 4 * b if builtin else conds[-1].branches
         el, az, dist, fov = (torch.cat([c[i] for c in cams]) for i in range(4))
+        guided_noise: Optional[GuidedNoise] = None
+        if builtin:  # each object's cameras are one threestudio batch: pairing within it
+            guided_noise = functools.partial(
+                threestudio_guided_noise, engine, azimuth=az, group_size=b
+            )
         texture = torch.sigmoid(logits)[owner]
         rgb = scenes.render(texture, az, el, dist, size=size, fovy_deg=fov, background=background)
         out = if_sds_step(
@@ -411,6 +433,7 @@ def run_objects(
             camera_distances=dist,
             t=torch.cat(ts),
             noise=torch.cat(noises),
+            guided_noise=guided_noise,
         )
         opt.zero_grad()
         # loss_sds is averaged over all n_obj·b rows; each object alone averages over its b rows.

@@ -251,3 +251,30 @@ def test_shipped_classifier_flags_a_two_faced_head_and_not_a_normal_one(identity
         ring = scenes.render(texture, torch.tensor(az), torch.zeros(12), 3.0, size=16)
         got_janus, kept, _, _, _ = P3.score_ring(az, clf.classify(ring).views)
         assert (got_janus, kept) == (janus, True)
+
+
+def test_controls_reach_the_3d_protocol(prior: Path, engine) -> None:
+    base = dict(method="ours", batch_size=4, steps=2, texture_size=8, ring_views=8, seed=4)
+    clf = _Fixed()
+    full = P3.run_object(P3.Protocol3DConfig(**base), prior, clf, "a corgi", engine=engine)
+    # No timestep lies in [0, 0] (t >= min_step > 0) and λ = 0 removes every negative: both are
+    # plain CFG on the interpolated positive, on the same draws.
+    gated = P3.run_object(
+        P3.Protocol3DConfig(**base, perp_neg_t_range=(0.0, 0.0)), prior, clf, "a corgi", engine=engine
+    )
+    zero = P3.run_object(
+        P3.Protocol3DConfig(**base, perp_neg_weight_scale=0.0), prior, clf, "a corgi", engine=engine
+    )
+    assert gated.unet_rows_per_step == zero.unet_rows_per_step == 2 * 4
+    assert torch.allclose(gated.texture, zero.texture, atol=1e-6)
+    assert not torch.allclose(gated.texture, full.texture, atol=1e-6)
+    one = P3.run_object(
+        P3.Protocol3DConfig(**base, perp_neg_sampling="one"), prior, clf, "a corgi", engine=engine
+    )
+    assert 2 * 4 <= one.unet_rows_per_step <= 3 * 4 < full.unet_rows_per_step + 1e-9
+    sched = P3.Protocol3DConfig(**base, perp_neg_weight_scale=[0, 1.0, 0.0, 2])
+    assert sched.controls_at(0).weight_scale == 1.0 and sched.controls_at(1).weight_scale == 0.5
+    with pytest.raises(ValueError, match="apply to method 'ours' only"):
+        P3.Protocol3DConfig(method="vanilla", perp_neg_sampling="one")
+    with pytest.raises(ValueError, match="perp_neg_sampling"):
+        P3.Protocol3DConfig(method="ours", perp_neg_sampling="some")

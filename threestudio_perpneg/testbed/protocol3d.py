@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
+from ..core.controls import apply_controls
 from ..core.text import text_embeddings, view_prompts
 from ..core.views import make_scheme
 from . import scenes
@@ -88,6 +89,14 @@ class Protocol3DConfig:
             ``k·360/n``; 12 keeps every view 15° from a bucket boundary. Default 12.
         ring_elevation_deg: elevation of the ring (degrees). Default 0.
         seed: seed of the texture initialisation, the cameras, the timesteps and the noise.
+        perp_neg_weight_scale: λ on every negative weight of ``ours``, a number or a threestudio
+            schedule ``[start_step, start, end, end_step]`` over the optimiser steps (default 1).
+        perp_neg_t_range: ``[lo, hi]`` fractions of the training timesteps where ``ours``
+            evaluates negatives (default [0, 1]).
+        perp_neg_sampling: ``all`` or ``one`` (one importance-sampled negative per camera,
+            drawn from the object's generator after its timesteps and noise). Default all.
+            The three controls are those of :mod:`threestudio_perpneg.core.controls`; they apply
+            to method ``ours`` only.
     """
 
     method: str = "vanilla"
@@ -108,6 +117,9 @@ class Protocol3DConfig:
     ring_views: int = 12
     ring_elevation_deg: float = 0.0
     seed: int = 0
+    perp_neg_weight_scale: Any = 1.0
+    perp_neg_t_range: Tuple[float, float] = (0.0, 1.0)
+    perp_neg_sampling: str = "all"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -154,6 +166,36 @@ class Protocol3DConfig:
                 if not 0.0 < a <= b:
                     raise ValueError(f"{key}: expected 0 < low <= high, got {v!r}")
                 setattr(self, key, (a, b))
+
+        from ..core.controls import check_sampling, check_t_range, check_weight_scale
+
+        self.perp_neg_weight_scale = check_weight_scale(self.perp_neg_weight_scale)
+        self.perp_neg_t_range = check_t_range(self.perp_neg_t_range)
+        check_sampling(self.perp_neg_sampling)
+        if self.method != "ours" and self.has_controls:
+            raise ValueError(
+                f"perp_neg_weight_scale/perp_neg_t_range/perp_neg_sampling: the controls apply "
+                f"to method 'ours' only, got method {self.method!r}"
+            )
+
+    @property
+    def has_controls(self) -> bool:
+        """Whether any Perp-Neg control differs from its default."""
+        return (
+            self.perp_neg_weight_scale != 1.0
+            or tuple(self.perp_neg_t_range) != (0.0, 1.0)
+            or self.perp_neg_sampling != "all"
+        )
+
+    def controls_at(self, step: int) -> Any:
+        """The step's :class:`~threestudio_perpneg.core.controls.PerpNegControls` (schedule resolved)."""
+        from ..core.controls import PerpNegControls, resolve_schedule
+
+        return PerpNegControls(
+            weight_scale=resolve_schedule(self.perp_neg_weight_scale, 0, step),
+            t_range=self.perp_neg_t_range,
+            sampling=self.perp_neg_sampling,
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -386,7 +428,9 @@ def run_objects(
 
         desc = f"{cfg.method} b{b} {cfg.scheme if cfg.method in PERP_NEG_METHODS else ''} x{n_obj}"
         steps = tqdm(steps, desc=desc, unit="step", leave=False)
-    for _ in steps:
+    n_train_t = int(engine.num_train_timesteps)
+    for step in steps:
+        controls = cfg.controls_at(step) if cfg.has_controls else None
         cams, ts, noises, conds = [], [], [], []
         for k, g in enumerate(gens):
             el, az, dist, fov = sample_cameras(
@@ -411,6 +455,8 @@ def run_objects(
                     perp_neg=cfg.method in PERP_NEG_METHODS,
                 )
             )
+            if controls is not None:  # after the object's timestep and noise draws
+                conds[-1] = apply_controls(conds[-1], ts[-1], n_train_t, controls, g)
             # threestudio-builtin evaluates 4 rows per camera, negatives or not (overhead).
             rows[k] += 4 * b if builtin else conds[-1].branches
         el, az, dist, fov = (torch.cat([c[i] for c in cams]) for i in range(4))

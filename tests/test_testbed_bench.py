@@ -29,9 +29,9 @@ def test_bench_writes_every_key_the_issue_names(tmp_path: Path) -> None:
         tmp_path / "b", TINY, methods=methods, base=BASE, progress=False, echo=lines.append
     )
     data = json.loads((tmp_path / "b" / "testbed.json").read_text())
-    assert data["prior_bias"]["front_fraction_noview"] == report["prior_bias"][
-        "front_fraction_noview"
-    ]
+    assert (
+        data["prior_bias"]["front_fraction_noview"] == report["prior_bias"]["front_fraction_noview"]
+    )
     for key in ("front_fraction_noview", "back_success_cfg", "side_success_cfg"):
         assert 0.0 <= data["prior_bias"][key] <= 1.0
     assert data["table2d"], "no 2D rows"

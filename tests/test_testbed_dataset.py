@@ -165,7 +165,9 @@ def test_per_identity_phrase_matrices_are_followed() -> None:
     assert alien and all(v == w for v, w in alien)
     assert troll_backs and set(troll_backs) == {"front"}
     assert _within(sum(w == "back" for w in robot_backs), len(robot_backs), 0.7)
-    assert cfg.phrase_matrix("troll") == wrong and cfg.phrase_matrix("clown") == cfg.view_phrase_matrix
+    assert (
+        cfg.phrase_matrix("troll") == wrong and cfg.phrase_matrix("clown") == cfg.view_phrase_matrix
+    )
     again = D.DatasetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 

@@ -231,7 +231,7 @@ def test_table_rows_count_the_objects_and_rings_are_drawn(prior: Path, tmp_path:
         assert row["identity_agreement"] == 0.5  # seed 0 asked for robot, seed 1 for clown
     out = T3.save_rings(tmp_path / "rings.png", results, max_seeds=1, zoom=2)
     with Image.open(out) as im:
-        assert im.size == (150 + 8 * 32, 2 * (32 + 14) + 14)
+        assert im.size == (200 + 8 * 32, 2 * (32 + 14) + 14)
 
 
 @pytest.mark.parametrize("identity", ["alien", "troll"])
@@ -260,7 +260,11 @@ def test_controls_reach_the_3d_protocol(prior: Path, engine) -> None:
     # No timestep lies in [0, 0] (t >= min_step > 0) and λ = 0 removes every negative: both are
     # plain CFG on the interpolated positive, on the same draws.
     gated = P3.run_object(
-        P3.Protocol3DConfig(**base, perp_neg_t_range=(0.0, 0.0)), prior, clf, "a corgi", engine=engine
+        P3.Protocol3DConfig(**base, perp_neg_t_range=(0.0, 0.0)),
+        prior,
+        clf,
+        "a corgi",
+        engine=engine,
     )
     zero = P3.run_object(
         P3.Protocol3DConfig(**base, perp_neg_weight_scale=0.0), prior, clf, "a corgi", engine=engine

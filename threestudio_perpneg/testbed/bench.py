@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .protocol3d import Protocol3DConfig
-from .table3d import MethodSpec, bench_methods
+from .table3d import MethodSpec, bench_methods, control_methods
 
 __all__ = ["BenchConfig", "BENCH_IDENTITY", "run_bench", "format_table3d", "format_table2d"]
 
@@ -46,6 +46,8 @@ class BenchConfig:
         ddim_steps: DDIM steps of the 2D samples. Full 50, quick 15.
         identity: the prompted identity (default :data:`BENCH_IDENTITY`).
         seed: seed of the 2D noise (the 3D seeds are ``0 .. seeds-1``). Default 0.
+        controls: add issue 12's rows (ours with each Perp-Neg control at batch 1 and 4,
+            :func:`.table3d.control_methods`). Default False.
     """
 
     seeds: int = 16
@@ -54,6 +56,7 @@ class BenchConfig:
     ddim_steps: int = 50
     identity: str = BENCH_IDENTITY
     seed: int = 0
+    controls: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -134,11 +137,13 @@ def run_bench(
     echo(format_table2d(table2d))
     t_2d = time.time() - t0 - t_bias
 
+    if methods is None:
+        methods = bench_methods() + (control_methods(base.steps) if config.controls else ())
     rows, results = run_table3d(
         prior,
         classifier,
         list(range(config.seeds)),
-        methods=methods or bench_methods(),
+        methods=methods,
         base=base,
         identities=[config.identity],
         progress=progress,
@@ -187,7 +192,10 @@ def format_bias(bias: Dict[str, Any]) -> str:
 
 def format_table2d(rows: Sequence[Dict[str, Any]]) -> str:
     """table2d as a fixed-width text table."""
-    lines = ["2D view success (requested view):", "  mode      scheme       view   success          95 % CI          identity kept"]
+    lines = [
+        "2D view success (requested view):",
+        "  mode      scheme       view   success          95 % CI          identity kept",
+    ]
     for r in rows:
         lo, hi = r["interval"]
         lines.append(
@@ -205,7 +213,7 @@ def _fmt(x: Optional[float]) -> str:
 def format_table3d(rows: Sequence[Dict[str, Any]]) -> str:
     """table3d as a fixed-width text table (Janus and front-kept counts with intervals)."""
     head = (
-        "  method               batch scheme       janus (95 % CI)        front kept (95 % CI)"
+        "  method                              batch janus (95 % CI)        front kept (95 % CI)"
         "   view acc f/s/b     rows/step"
     )
     lines = ["3D (SDS on a texture, ring of views classified):", head]
@@ -213,8 +221,9 @@ def format_table3d(rows: Sequence[Dict[str, Any]]) -> str:
         acc = r["view_accuracy"]
         j_lo, j_hi = r.get("janus_ci95") or _interval(r["janus"], r["seeds"])
         f_lo, f_hi = r.get("front_kept_ci95") or _interval(r["front_kept"], r["seeds"])
+        label = r.get("label") or r["method"]
         lines.append(
-            f"  {r['method']:<20} {r['batch']:>5} {str(r.get('scheme') or '-'):<12} "
+            f"  {label:<35} {r['batch']:>5} "
             f"{r['janus']:>2}/{r['seeds']:<2} [{j_lo:.2f}, {j_hi:.2f}]    "
             f"{r['front_kept']:>2}/{r['seeds']:<2} [{f_lo:.2f}, {f_hi:.2f}]    "
             f"{_fmt(acc['front'])}/{_fmt(acc['side'])}/{_fmt(acc['back'])}   "

@@ -153,7 +153,13 @@ def plot_calibration(points: Sequence[Dict[str, Any]], path: PathLike) -> None:
         hi = [p[f"{key}_janus_ci95"][1] for p in pts]
         ax.plot(x, rate, "o-", color=colour, label=label)
         ax.fill_between(x, lo, hi, color=colour, alpha=0.15)
-    ax.plot(x, [p["back_success_cfg"] for p in pts], "s--", color="tab:blue", label="2D back success (CFG)")
+    ax.plot(
+        x,
+        [p["back_success_cfg"] for p in pts],
+        "s--",
+        color="tab:blue",
+        label="2D back success (CFG)",
+    )
     for p in pts:
         ax.annotate(p["identity"], (p["back_phrase_reliability"], 1.02), ha="center", fontsize=7)
     ax.set_xlabel('P(back | caption says "back view")')

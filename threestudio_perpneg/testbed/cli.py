@@ -49,7 +49,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog or "threestudio-perpneg testbed",
         description="Janus testbed: a small prior trained on procedural head renders.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,train-classifier,bias,bench,calibrate}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,train-classifier,bias,bench,calibrate}"
+    )
     sub.required = True
 
     train = sub.add_parser("train", help="train the testbed prior (diffusers folder)")
@@ -113,10 +115,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             "--classifier", default=None, help="classifier folder (default: the shipped one)"
         )
         p.add_argument(
-            "--seeds", type=positive_int, default=None, help=f"3D objects per method (default {seeds})"
+            "--seeds",
+            type=positive_int,
+            default=None,
+            help=f"3D objects per method (default {seeds})",
         )
         p.add_argument(
-            "--steps3d", type=positive_int, default=None, help=f"SDS steps per object (default {steps3d})"
+            "--steps3d",
+            type=positive_int,
+            default=None,
+            help=f"SDS steps per object (default {steps3d})",
         )
         p.add_argument(
             "--n2d", type=positive_int, default=None, help=f"samples per 2D cell (default {n2d})"
@@ -126,6 +134,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="small sizes (4 seeds, 60 SDS steps, 16 samples per 2D cell, 15 DDIM steps)",
+    )
+    bench.add_argument(
+        "--controls",
+        action="store_true",
+        help="add ours with each Perp-Neg control (one, t ranges, decaying λ) at batch 1 and 4",
     )
     bench.add_argument(
         "--identity", default=None, help="prompted identity (default: the calibrated one, troll)"
@@ -143,6 +156,7 @@ def _bench(ns: argparse.Namespace) -> None:
     }
     if ns.identity is not None:
         sizes["identity"] = ns.identity
+    sizes["controls"] = ns.controls
     config = BenchConfig.quick(**sizes) if ns.quick else BenchConfig(**sizes)
     try:
         run_bench(

@@ -17,17 +17,52 @@ import torch
 from ..common.io import pil_nearest
 from .protocol3d import ObjectResult, Protocol3DConfig, prompt_bank, run_objects
 
-__all__ = ["MethodSpec", "PROTOCOL_METHODS", "bench_methods", "run_table3d", "save_rings"]
+__all__ = [
+    "MethodSpec",
+    "PROTOCOL_METHODS",
+    "bench_methods",
+    "control_methods",
+    "run_table3d",
+    "save_rings",
+]
 
 PathLike = Union[str, Path]
 
 
 class MethodSpec(NamedTuple):
-    """One row of the 3D table: method, cameras per step and Perp-Neg scheme (None if unused)."""
+    """One row of the 3D table: method, cameras per step, Perp-Neg scheme (None if unused) and
+    Perp-Neg controls of ``ours`` as ``((key, value), ...)`` pairs of
+    :class:`.protocol3d.Protocol3DConfig` fields (empty: the defaults)."""
 
     method: str
     batch_size: int
     scheme: Optional[str] = None
+    controls: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``method[/scheme][ key=value ...]`` for tables and pictures."""
+        name = self.method + (f"/{self.scheme}" if self.scheme else "")
+        short = {"perp_neg_weight_scale": "λ", "perp_neg_t_range": "t", "perp_neg_sampling": ""}
+        extra = " ".join(
+            f"{short.get(k, k)}{'=' if short.get(k, k) else ''}{v}" for k, v in self.controls
+        )
+        return f"{name} {extra}".strip()
+
+
+def control_methods(steps: int) -> Tuple[MethodSpec, ...]:
+    """Issue 12's rows: ours (threestudio scheme) with each control, at batch 1 and 4.
+
+    ``one`` sampled negative, t ranges [0, 0.5] and [0.5, 1], and λ decaying linearly from 1 to 0
+    over the ``steps`` optimiser steps (threestudio schedule ``[0, 1, 0, steps]``).
+    """
+    variants: List[Tuple[Tuple[str, Any], ...]] = [
+        (("perp_neg_sampling", "one"),),
+        (("perp_neg_t_range", (0.0, 0.5)),),
+        (("perp_neg_t_range", (0.5, 1.0)),),
+        (("perp_neg_weight_scale", (0, 1.0, 0.0, int(steps))),),
+    ]
+    return tuple(MethodSpec("ours", b, "threestudio", v) for v in variants for b in (1, 4))
 
 
 #: The issue's rows available so far (threestudio's built-in pairing comes in a later step).
@@ -100,6 +135,7 @@ def run_table3d(
                 "method": spec.method,
                 "batch_size": spec.batch_size,
                 "scheme": spec.scheme or base.scheme,
+                **dict(spec.controls),
             }
         )
         seed_ids = [idents[int(seed) % len(idents)] for seed in seeds]
@@ -122,6 +158,8 @@ def run_table3d(
                 "method": spec.method,
                 "batch": spec.batch_size,
                 "scheme": spec.scheme,
+                "controls": {k: v for k, v in spec.controls},
+                "label": spec.label,
                 "seeds": len(objects),
                 "janus": sum(o.janus for o in objects),
                 "front_kept": sum(o.front_kept for o in objects),
@@ -161,7 +199,7 @@ def save_rings(
         raise ValueError("results: expected at least one object, got none")
     n = len(rows[0][1].ring_azimuths)
     cell = rows[0][1].ring_images.shape[-1] * zoom
-    left, text_h = 150, 14
+    left, text_h = 200, 14
     width, height = left + n * cell, len(rows) * (cell + text_h) + text_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -169,7 +207,7 @@ def save_rings(
         draw.text((left + k * cell + 2, 0), f"{a:g}", fill="black")
     for r, (spec, obj) in enumerate(rows):
         y = text_h + r * (cell + text_h)
-        name = spec.method + (f"/{spec.scheme}" if spec.scheme else "")
+        name = spec.label
         verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
         draw.text((2, y + 2), f"{name} b{spec.batch_size}", fill="black")
         draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")

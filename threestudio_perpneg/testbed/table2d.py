@@ -155,7 +155,9 @@ def sample_guided(
             neg, weights = negatives[:, keep], [w[k] for k in keep]
     k = len(weights)
     # Rows branch-major, as the sampler's: [uncond × B, positive × B, negative_1 × B, …].
-    text = [uncond.expand(b, -1, -1), positive] + ([neg[:, j] for j in range(k)] if k else [])
+    text = [uncond.expand(b, -1, -1), positive]
+    if neg is not None:
+        text += [neg[:, j] for j in range(k)]
     emb = torch.cat(text)
     rows = 2 + k
     if mode == "cebm":
@@ -228,8 +230,9 @@ def _run_cells(
     desc: str,
 ) -> List[Tensor]:
     """Samples ``[n, 3, R, R]`` of each cell, all from :func:`initial_noise` (paired)."""
-    from ..core.text import encode_prompts
     from tqdm.auto import tqdm
+
+    from ..core.text import encode_prompts
 
     n = len(idents)
     bases = {x: prior.dataset.base_prompt(x) for x in dict.fromkeys(idents)}
@@ -251,9 +254,7 @@ def _run_cells(
             pos = torch.stack([by_text[texts[x][cell.view]] for x in ids])
             neg = None
             if names and cell.mode != "sd":
-                neg = torch.stack(
-                    [torch.stack([by_text[texts[x][v]] for v in names]) for x in ids]
-                )
+                neg = torch.stack([torch.stack([by_text[texts[x][v]] for v in names]) for x in ids])
             images.append(
                 sample_guided(
                     prior.unet,
@@ -282,9 +283,7 @@ def _check_common(n: Any, steps: Any, seed: Any, batch: Any, guidance_scale: Any
     check_float("guidance_scale", guidance_scale)
 
 
-def _table_cells(
-    modes: Sequence[str], schemes: Sequence[str], views: Sequence[str]
-) -> List[_Cell]:
+def _table_cells(modes: Sequence[str], schemes: Sequence[str], views: Sequence[str]) -> List[_Cell]:
     mode_list = check_names("modes", modes, TABLE_MODES, what="mode")
     scheme_list = check_names("schemes", schemes, TABLE_SCHEMES, what="scheme")
     view_list = check_names("views", views, TABLE_VIEWS, what="view")
@@ -426,9 +425,7 @@ def _curve_cells(
     if isinstance(weights, (str, bytes)) or not list(weights):
         raise ValueError(f"weights: expected a non-empty sequence of numbers, got {weights!r}")
     ws = [check_float(f"weights[{i}]", w, hi=0.0) for i, w in enumerate(weights)]
-    return [
-        _Cell(mode, None, view, {v: w for v in negs}) for mode in mode_list for w in ws
-    ]
+    return [_Cell(mode, None, view, {v: w for v in negs}) for mode in mode_list for w in ws]
 
 
 def curve_samples(

@@ -101,6 +101,15 @@ CLI_ROWS: List[Cli] = [
     _c("E4", ["eval2d", "--prompts-file", "no/such.txt"], 2, "--prompts-file", "no/such.txt"),
     _c("E5", ["eval2d", "--prompts", "a corgi", "--out", "afile"], 2, "--out", "afile", "a folder"),
     _c("E6", ["eval2d", "--prompts", "a", "--out", "afile/sub"], 2, "--out", "afile", "a folder"),
+    _c("E7", ["eval2d", "--prompts", "a", "--classifier", "testbed", "--clip", "c"], 2, "--clip"),
+    _c("E8", ["eval2d", "--prompts", "a", "--classifier-path", "emptydir"], 2, "emptydir"),
+    _c(
+        "E9",
+        ["eval2d", "--prompts", "a", "--classifier", "testbed", "--classifier-path", "emptydir"],
+        2,
+        "--classifier-path",
+        "config.json",
+    ),
     # -------------------------------------------------------------------------- eval3d
     _c("J1", ["eval3d", "no/such", "--out", "x"], 2, "no/such", "no such folder"),
     _c("J2", ["eval3d", "afile", "--out", "x"], 2, "afile", ".csv or .json"),
@@ -122,6 +131,20 @@ CLI_ROWS: List[Cli] = [
         "--out",
         "afile",
         "a folder",
+    ),
+    _c(
+        "J8",
+        ["eval3d", "man", "--object", "a", "--out", "o", "--classifier", "testbed", "--clip", "c"],
+        2,
+        "--clip",
+        "'c'",
+    ),
+    _c(
+        "J9",
+        ["eval3d", "man", "--object", "a", "--out", "o", "--classifier-path", "emptydir"],
+        2,
+        "--classifier-path",
+        "'emptydir'",
     ),
     # ---------------------------------------------------------------------------- link
     _c("K1", ["link", "no/such"], 2, "no/such", "does not exist"),

@@ -46,12 +46,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "CLASSIFIERS",
     "DEFAULT_TEMPLATES",
     "VIEW_LABELS",
     "ClassifierProtocol",
     "ViewClassifier",
     "check_labels",
     "check_templates",
+    "load_view_classifier",
 ]
 
 #: Label order of every score matrix (a ``labels=`` subset keeps this relative order as given).
@@ -74,6 +76,8 @@ DEFAULT_TEMPLATES: Mapping[str, Tuple[str, ...]] = {
 }
 
 BACKENDS: Tuple[str, str] = ("transformers", "open_clip")
+#: Classifiers the evaluators can use: zero-shot CLIP, or the Janus testbed's view CNN.
+CLASSIFIERS: Tuple[str, str] = ("clip", "testbed")
 PLACEHOLDER = "{object}"
 _CACHE_SIZE = 64
 
@@ -519,3 +523,44 @@ def _load_open_clip(name: str, device: Union[str, torch.device]) -> _OpenClipBac
         ) from err
     model.eval()
     return _OpenClipBackend(model, preprocess, tokenizer, device)
+
+
+def load_view_classifier(
+    kind: str, path: Optional[str | os.PathLike] = None, **clip_kwargs: Any
+) -> Any:
+    """A view classifier with :class:`ClassifierProtocol`'s ``labels`` / ``scores`` (and
+    ``describe`` and ``name``) for the evaluators.
+
+    Args:
+        kind: ``"clip"`` (:meth:`ViewClassifier.from_pretrained` of ``path``, a hub id or folder,
+            with ``clip_kwargs``) or ``"testbed"`` (the Janus testbed's CNN,
+            :func:`threestudio_perpneg.testbed.classifier.load_classifier`; ``path`` is a
+            classifier folder, None for the shipped one). The testbed classifier's labels are
+            ``front``, ``side``, ``back`` and ``none`` (an image that shows no head view: never a
+            success and never a front); it ignores the object name and reads testbed heads only.
+
+    Raises:
+        `ValueError`: naming ``classifier`` for an unknown kind or a CLIP without ``path``.
+        `FileNotFoundError`: naming the classifier path when a folder lacks its files.
+    """
+    if kind not in CLASSIFIERS:
+        raise ValueError(f"classifier: unknown classifier {kind!r}, expected one of {CLASSIFIERS}")
+    if kind == "clip":
+        if path is None:
+            raise ValueError("classifier: a CLIP classifier needs a hub id or folder, got none")
+        return ViewClassifier.from_pretrained(str(path), **clip_kwargs)
+    if clip_kwargs:
+        raise ValueError(
+            f"classifier: the testbed classifier takes no CLIP settings, got {sorted(clip_kwargs)}"
+        )
+    from ..testbed.classifier import classifier_path, load_classifier
+
+    folder = classifier_path() if path is None else os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"classifier path: {str(folder)!r} is not a folder, expected a testbed classifier "
+            "folder (config.json + model.safetensors)"
+        )
+    clf = load_classifier(folder)
+    clf.name = f"testbed:{folder}"
+    return clf

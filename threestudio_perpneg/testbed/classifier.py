@@ -217,6 +217,7 @@ class TestbedClassifier:
         self.net = net.eval()
         self.cfg = cfg
         self.labels: Tuple[str, ...] = cfg.labels
+        self.name = "testbed-cnn"  # the evaluators record it (load_view_classifier: the folder)
 
     def _prepare(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:

@@ -68,7 +68,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The ``eval2d`` command's parser."""
     from ...core.views import SCHEMES
     from ...sampler.pipeline import MODES, SCHEDULERS
-    from ..classifier import BACKENDS, VIEW_LABELS
+    from ..classifier import BACKENDS, CLASSIFIERS, VIEW_LABELS
 
     p = OneLineParser(
         prog=prog or PROG,
@@ -156,7 +156,21 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--fp16", action="store_true", help="half-precision Stable Diffusion weights (GPU)"
     )
 
-    c = p.add_argument_group("classifier (CLIP)")
+    c = p.add_argument_group("classifier (CLIP, or the testbed's CNN)")
+    c.add_argument(
+        "--classifier",
+        choices=CLASSIFIERS,
+        default="clip",
+        help="clip: zero-shot CLIP (--clip); testbed: the Janus testbed's view classifier "
+        "(labels front, side, back, none; for testbed heads only) (default: %(default)s)",
+    )
+    c.add_argument(
+        "--classifier-path",
+        default=None,
+        metavar="DIR",
+        help="with --classifier testbed: a classifier folder written by 'testbed train-classifier' "
+        "(default: the shipped one)",
+    )
     c.add_argument(
         "--clip",
         default=None,
@@ -218,6 +232,7 @@ _KEY_TO_ARG = {
     "backend": "--clip-backend",
     "labels": "--labels",
     "templates": "--templates",
+    "classifier": "--classifier-path",
     "torch_dtype": "--fp16",
 }
 
@@ -278,6 +293,40 @@ def _read_templates(value: Optional[str]) -> Optional[Dict[str, Any]]:
     return dict(data)
 
 
+TESTBED_PRIOR_NOTE = (
+    "a testbed pixel-space prior: the eval2d sampler (PerpNegSampler) runs latent Stable "
+    "Diffusion checkpoints only (it needs a vae); measure the testbed prior with "
+    "threestudio_perpneg.testbed.table2d.measure_table2d"
+)
+
+
+def _check_classifier_args(args: argparse.Namespace) -> None:
+    """The options of one classifier are not given with the other."""
+    from ..classifier import VIEW_LABELS
+
+    if args.classifier != "testbed":
+        if args.classifier_path is not None:
+            _fail(
+                "--classifier-path",
+                f"{args.classifier_path!r} is used only with --classifier testbed "
+                "(name a CLIP model with --clip)",
+            )
+        return
+    clip_only = [
+        ("--clip", args.clip, args.clip is not None),
+        ("--clip-backend", args.clip_backend, args.clip_backend != "transformers"),
+        ("--templates", args.templates, args.templates is not None),
+        ("--labels", ",".join(args.labels), list(args.labels) != list(VIEW_LABELS)),
+    ]
+    for name, value, given in clip_only:
+        if given:
+            _fail(
+                name,
+                f"{value!r} is a CLIP setting, expected none with --classifier testbed (its "
+                "labels and weights are its own; a classifier folder goes to --classifier-path)",
+            )
+
+
 def _resolve_device(value: str) -> str:
     import torch
 
@@ -308,20 +357,29 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
     Raises:
         `Eval2DError`: a one-line message naming the argument (exit code 2).
     """
-    from ..classifier import ViewClassifier, check_labels
+    from ..classifier import ViewClassifier, check_labels, load_view_classifier
 
     prompts = _read_prompts(args)
     try:
         seeds = check_seeds(str(args.seeds), "seeds", unique=True, text=True)
     except ValueError as err:
         _library_error(err, "--seeds")
+    testbed = args.classifier == "testbed"
+    _check_classifier_args(args)
     try:
         labels = check_labels(args.labels)
     except ValueError as err:
         _library_error(err, "--labels")
+    if testbed:
+        from ...testbed.classifier import REJECT
+
+        labels = ("front", "side", "back", REJECT)
     missing = [v for v in args.views if v not in labels]
     if missing:
-        _fail("--views", f"requested view(s) {missing} are not among --labels {list(labels)}")
+        where = "the testbed classifier's labels" if testbed else "--labels"
+        _fail("--views", f"requested view(s) {missing} are not among {where} {list(labels)}")
+    if args.model is not None and (Path(args.model).expanduser() / "testbed.json").is_file():
+        _fail("--model", f"{args.model!r} is {TESTBED_PRIOR_NOTE}")
     if args.clip is None and args.clip_backend != "transformers":
         _fail(
             "--clip",
@@ -353,10 +411,17 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
             path, device=device, templates=templates, labels=labels, backend=args.clip_backend
         )
 
+    classifier: Any = None
+    if testbed:
+        try:
+            classifier = load_view_classifier("testbed", args.classifier_path)
+        except (ValueError, FileNotFoundError) as err:
+            _fail("--classifier-path", first_line(err).split("classifier path: ", 1)[-1])
     try:
         # Load real models first: a missing folder fails before anything is written.
         sampler = load_sampler(args.model) if args.model is not None else None
-        classifier = load_classifier(args.clip) if args.clip is not None else None
+        if args.clip is not None:
+            classifier = load_classifier(args.clip)
     except (ValueError, FileNotFoundError) as err:
         _library_error(err, "--model")
     except ImportError as err:
@@ -389,9 +454,12 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
         random_models.append("CLIP")
         print(TINY_NOTE.format(what="--clip", kind="CLIP", path=clip_name), file=sys.stderr)
 
+    if testbed:
+        clip_name = str(getattr(classifier, "name", "testbed"))
     settings = {
         "argv": list(getattr(args, "_argv", []) or []),
         "model": model_name,
+        "classifier_kind": args.classifier,
         "clip": clip_name,
         "clip_backend": args.clip_backend,
         "random_models": random_models,

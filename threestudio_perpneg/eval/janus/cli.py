@@ -1,5 +1,5 @@
 """The ``eval3d`` command (``python -m threestudio_perpneg eval3d``): load the trials, score them
-with zero-shot CLIP, aggregate and write the reports."""
+with zero-shot CLIP (or the testbed's classifier), aggregate and write the reports."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
         "--clip",
         metavar="MODEL",
         help="CLIP hub id or local folder (default: a tiny random CLIP; meaningless numbers)",
+    )
+    p.add_argument(
+        "--classifier",
+        choices=("clip", "testbed"),
+        default="clip",
+        help="clip: zero-shot CLIP (--clip); testbed: the Janus testbed's view classifier "
+        "(labels front, side, back, none; testbed heads only) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--classifier-path",
+        metavar="DIR",
+        help="with --classifier testbed: a testbed classifier folder (default: the shipped one)",
     )
     p.add_argument(
         "--backend",
@@ -138,9 +150,36 @@ def build_parser(prog: str = "threestudio-perpneg eval3d") -> argparse.ArgumentP
     return p
 
 
-def _build_classifier(ns: argparse.Namespace, out: Path) -> Tuple[Any, Dict[str, Any]]:
-    from ..classifier import ViewClassifier
+def _check_classifier_args(ns: argparse.Namespace) -> None:
+    """The options of one classifier are not given with the other (before anything is loaded)."""
+    if ns.classifier != "testbed":
+        if ns.classifier_path is not None:
+            raise ValueError(
+                f"--classifier-path: {ns.classifier_path!r} is used only with --classifier "
+                "testbed (name a CLIP model with --clip)"
+            )
+        return
+    for name, value, given in (
+        ("--clip", ns.clip, ns.clip is not None),
+        ("--backend", ns.backend, ns.backend != "transformers"),
+    ):
+        if given:
+            raise ValueError(
+                f"{name}: {value!r} is a CLIP setting, expected none with --classifier testbed "
+                "(a classifier folder goes to --classifier-path)"
+            )
 
+
+def _build_classifier(ns: argparse.Namespace, out: Path) -> Tuple[Any, Dict[str, Any]]:
+    from ..classifier import ViewClassifier, load_view_classifier
+
+    if ns.classifier == "testbed":
+        try:
+            clf = load_view_classifier("testbed", ns.classifier_path)
+        except (ValueError, FileNotFoundError) as err:
+            msg = str(err).splitlines()[0].split("classifier path: ", 1)[-1]
+            raise FileNotFoundError(f"--classifier-path: {msg}") from None
+        return clf, {"model": clf.name, "backend": "testbed", "tiny_random": False}
     if ns.clip:
         clf = ViewClassifier.from_pretrained(ns.clip, device=ns.device, backend=ns.backend)
         return clf, {"model": ns.clip, "backend": ns.backend, "tiny_random": False}
@@ -166,6 +205,7 @@ def run(ns: argparse.Namespace) -> Dict[str, Any]:
         score_margin=ns.score_margin,
     )
     check_int("batch_size", ns.batch_size, 1)
+    _check_classifier_args(ns)
     check_int("thumbnails", ns.thumbnails, 0)
     check_float("confidence", ns.confidence, 0.5, 0.9999)
     check_int("bootstrap", ns.bootstrap, 1)

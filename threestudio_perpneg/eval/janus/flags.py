@@ -24,7 +24,9 @@ __all__ = [
     "wrap_degrees",
 ]
 
-KNOWN_VIEWS: Tuple[str, ...] = ("front", "side", "back", "overhead")
+#: View labels a classifier may use; ``none`` is the testbed classifier's reject label (an image
+#: that shows no head view): wrong at every camera and never a front.
+KNOWN_VIEWS: Tuple[str, ...] = ("front", "side", "back", "overhead", "none")
 _DUPLICATE_TOL = 1e-6
 
 

@@ -25,6 +25,7 @@ VIEW_COLORS: Dict[str, str] = {
     "side": "#2ca02c",
     "back": "#1f77b4",
     "overhead": "#9467bd",
+    "none": "#7f7f7f",
 }
 
 

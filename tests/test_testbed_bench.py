@@ -18,7 +18,7 @@ from threestudio_perpneg.testbed.bench import BenchConfig, run_bench  # noqa: E4
 from threestudio_perpneg.testbed.protocol3d import Protocol3DConfig  # noqa: E402
 from threestudio_perpneg.testbed.table3d import MethodSpec, bench_methods  # noqa: E402
 
-TINY = BenchConfig(seeds=2, steps3d=1, n2d=2, ddim_steps=2, identity="troll")
+TINY = BenchConfig(seeds=2, steps3d=1, n2d=2, ddim_steps=2, n_curve=2, identity="troll")
 BASE = Protocol3DConfig(steps=1, texture_size=8, ring_views=8)
 
 
@@ -58,6 +58,9 @@ def test_bench_writes_every_key_the_issue_names(tmp_path: Path) -> None:
         lo, hi = row["janus_ci95"]
         assert 0.0 <= lo <= row["janus"] / 2 <= hi <= 1.0
     assert (tmp_path / "b" / "rings.png").stat().st_size > 0
+    assert (tmp_path / "b" / "curve2d.png").stat().st_size > 0
+    weights = sorted({r["weight"] for r in data["curve2d"]})
+    assert weights[-1] == 0.0 and weights[0] < 0 and all(r["n"] == 2 for r in data["curve2d"])
     text = "\n".join(lines)
     assert "prior bias" in text and "2D view success" in text and "3D" in text
 
@@ -73,7 +76,7 @@ def test_bench_methods_cover_the_issue_rows() -> None:
 def test_quick_config_is_smaller_everywhere() -> None:
     full, quick = BenchConfig(), BenchConfig.quick()
     assert full.seeds >= 16 and full.n2d >= 128
-    for key in ("seeds", "steps3d", "n2d", "ddim_steps"):
+    for key in ("seeds", "steps3d", "n2d", "ddim_steps", "n_curve"):
         assert getattr(quick, key) < getattr(full, key)
 
 

@@ -10,9 +10,11 @@ asserts nothing about their size. ``DIR/testbed.json`` holds
 * ``table3d``: rows ``method, batch, scheme, seeds, janus, front_kept, view_accuracy,
   unet_rows_per_step`` (+ intervals, identity agreement, seconds) for every 3D method on the same
   seeds (:func:`.table3d.run_table3d`);
-* ``settings``: everything needed to rerun it (prior, classifier, seeds, steps, versions);
+* ``curve2d`` (2D back-view success against the weight of the front negative, cebm and perpneg)
+  and ``settings`` (everything needed to rerun it);
 
-and ``DIR/rings.png`` shows per method the labelled rings of a few seeds.
+``DIR/rings.png`` shows per method the labelled
+rings of a few seeds and ``DIR/curve2d.png`` the curve with its intervals.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class BenchConfig:
         seeds: 3D objects per method (seeds ``0 .. seeds-1``). Full 16, quick 4.
         steps3d: SDS optimiser steps per object. Full 400, quick 60.
         n2d: samples per 2D cell (prior bias and table2d). Full 128, quick 16.
-        ddim_steps: DDIM steps of the 2D samples. Full 50, quick 15.
+        ddim_steps: DDIM steps of the 2D samples. Full 25, quick 10.
+        n_curve: samples per point of the 2D success-against-negative-weight curve (requested
+            view back, the front prompt as the negative). Full 64, quick 8; 0 skips the curve.
         identity: the prompted identity (default :data:`BENCH_IDENTITY`).
         seed: seed of the 2D noise (the 3D seeds are ``0 .. seeds-1``). Default 0.
         controls: add issue 12's rows (ours with each Perp-Neg control at batch 1 and 4,
@@ -53,14 +57,15 @@ class BenchConfig:
     seeds: int = 16
     steps3d: int = 400
     n2d: int = 128
-    ddim_steps: int = 50
+    ddim_steps: int = 25
+    n_curve: int = 64
     identity: str = BENCH_IDENTITY
     seed: int = 0
     controls: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        return replace(cls(seeds=4, steps3d=60, n2d=16, ddim_steps=15), **overrides)
+        return replace(cls(seeds=4, steps3d=60, n2d=16, ddim_steps=10, n_curve=8), **overrides)
 
 
 def _interval(successes: int, n: int) -> List[float]:
@@ -102,7 +107,7 @@ def run_bench(
     from .classifier import load_classifier
     from .prior import load_prior_path
     from .protocol2d import bias_summary, measure_prior_bias
-    from .table2d import measure_table2d
+    from .table2d import measure_table2d, negative_weight_curve, plot_negative_weight_curve
     from .table3d import run_table3d, save_rings
 
     config = config or BenchConfig()
@@ -135,6 +140,24 @@ def run_bench(
         progress=progress,
     )
     echo(format_table2d(table2d))
+    curve: List[Dict[str, Any]] = []
+    if config.n_curve > 0:
+        curve = negative_weight_curve(
+            prior,
+            classifier,
+            identity=config.identity,
+            view="back",
+            n=config.n_curve,
+            steps=config.ddim_steps,
+            seed=config.seed,
+            progress=progress,
+        )
+        plot_negative_weight_curve(
+            curve,
+            folder / "curve2d.png",
+            title=f"{config.identity}: back view success against the front negative's weight",
+        )
+        echo(format_curve(curve))
     t_2d = time.time() - t0 - t_bias
 
     if methods is None:
@@ -158,6 +181,7 @@ def run_bench(
     report: Dict[str, Any] = {
         "prior_bias": bias,
         "table2d": table2d,
+        "curve2d": curve,
         "table3d": rows,
         "settings": {
             "bench": asdict(config),
@@ -202,6 +226,18 @@ def format_table2d(rows: Sequence[Dict[str, Any]]) -> str:
             f"  {r['mode']:<9} {str(r.get('scheme') or '-'):<12} {r['view']:<6} "
             f"{r['successes']:>4}/{r['n']:<4} {r['rate']:.3f}  [{lo:.3f}, {hi:.3f}]  "
             f"{r['identity_kept']}/{r['n']}"
+        )
+    return "\n".join(lines)
+
+
+def format_curve(rows: Sequence[Dict[str, Any]]) -> str:
+    """The negative-weight curve as text lines."""
+    lines = ["2D back-view success against the negative weight (front prompt):"]
+    for r in rows:
+        lo, hi = r["interval"]
+        lines.append(
+            f"  {r['mode']:<8} w={r['weight']:>5.1f}  {r['successes']:>4}/{r['n']:<4} "
+            f"{r['rate']:.3f} [{lo:.3f}, {hi:.3f}]  identity kept {r['identity_kept']}/{r['n']}"
         )
     return "\n".join(lines)
 

@@ -133,7 +133,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes (4 seeds, 60 SDS steps, 16 samples per 2D cell, 15 DDIM steps)",
+        help="small sizes (4 seeds, 60 SDS steps, 16 samples per 2D cell, 10 DDIM steps)",
     )
     bench.add_argument(
         "--controls",

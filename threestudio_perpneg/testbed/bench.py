@@ -68,7 +68,8 @@ class BenchConfig:
         return replace(cls(seeds=4, steps3d=60, n2d=16, ddim_steps=10, n_curve=8), **overrides)
 
 
-def _interval(successes: int, n: int) -> List[float]:
+def rounded_interval(successes: int, n: int) -> List[float]:
+    """The 95 % Wilson interval of ``successes``/``n``, rounded to 4 decimals (for JSON tables)."""
     from ..eval.stats import wilson_interval
 
     lo, hi = wilson_interval(int(successes), int(n))
@@ -172,8 +173,8 @@ def run_bench(
         progress=progress,
     )
     for row in rows:
-        row["janus_ci95"] = _interval(row["janus"], row["seeds"])
-        row["front_kept_ci95"] = _interval(row["front_kept"], row["seeds"])
+        row["janus_ci95"] = rounded_interval(row["janus"], row["seeds"])
+        row["front_kept_ci95"] = rounded_interval(row["front_kept"], row["seeds"])
     echo(format_table3d(rows))
     t_3d = time.time() - t0 - t_bias - t_2d
     save_rings(folder / "rings.png", results, max_seeds=3)
@@ -255,8 +256,8 @@ def format_table3d(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["3D (SDS on a texture, ring of views classified):", head]
     for r in rows:
         acc = r["view_accuracy"]
-        j_lo, j_hi = r.get("janus_ci95") or _interval(r["janus"], r["seeds"])
-        f_lo, f_hi = r.get("front_kept_ci95") or _interval(r["front_kept"], r["seeds"])
+        j_lo, j_hi = r.get("janus_ci95") or rounded_interval(r["janus"], r["seeds"])
+        f_lo, f_hi = r.get("front_kept_ci95") or rounded_interval(r["front_kept"], r["seeds"])
         label = r.get("label") or r["method"]
         lines.append(
             f"  {label:<35} {r['batch']:>5} "

@@ -55,7 +55,7 @@ def run_calibration(
     """Measure every identity's bias and no-view / vanilla 3D rows; write the JSON and the plot."""
     from ..commands.common import versions
     from ..common.io import output_folder, write_json_atomic
-    from ..eval.stats import wilson_interval
+    from .bench import rounded_interval
     from .classifier import load_classifier
     from .dataset import DatasetConfig
     from .prior import load_prior_path, load_testbed_config
@@ -98,9 +98,7 @@ def run_calibration(
             point[f"{key}_janus"] = row["janus"]
             point[f"{key}_front_kept"] = row["front_kept"]
             point[f"{key}_seeds"] = row["seeds"]
-            point[f"{key}_janus_ci95"] = [
-                round(x, 4) for x in wilson_interval(row["janus"], row["seeds"])
-            ]
+            point[f"{key}_janus_ci95"] = rounded_interval(row["janus"], row["seeds"])
             point[f"{key}_view_accuracy"] = row["view_accuracy"]
         points.append(point)
         echo(

@@ -68,7 +68,9 @@ CLI_ROWS: List[Cli] = [
     _c("S22", ["smoke", "--out", "afile"], 2, "--out", "afile", "expected a folder"),
     _c("S23", ["smoke", "--out", "afile/sub"], 2, "--out", "afile/sub", "expected a folder"),
     _c("S24", ["smoke", "--out", "tinyfile"], 2, "--out", "tiny-sd", "is a file"),
-    _c("S25", ["smoke", "--out", "griddir"], 2, "--out", "grid.png", "is a folder"),
+    _c(
+        "S25", ["smoke", "--out", "griddir"], 2, "--out", "grid.png", "is a folder, expected a file"
+    ),
     _c("S26", ["smoke", "--out", "cachefile"], 2, "--out", "cache", "is a file"),
     _c("T1", ["nosuchcommand"], 2, "'nosuchcommand'", "smoke"),
     _c("T2", [], 2, "required", "smoke"),

@@ -474,6 +474,7 @@ def test_seed_forms() -> None:
         ("sweep_name=a/b", "sweep_name"),
         ("job.max_steps=0", "job.max_steps"),
         ("job.overrides=[no_equals_sign]", "job.overrides"),
+        ("+bogus=1", "bogus: unknown config key"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, override: str, key: str) -> None:

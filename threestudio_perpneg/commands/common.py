@@ -247,7 +247,8 @@ def output_file_slots(
     for name in names:
         if (folder / name).is_dir():
             raise ValueError(
-                f"{arg} {str(folder)!r}: cannot write {name}: {str(folder / name)!r} is a folder"
+                f"{arg} {str(folder)!r}: cannot write {name}: {str(folder / name)!r} is a folder, "
+                "expected a file"
             )
     for name in folders:
         path = folder / name

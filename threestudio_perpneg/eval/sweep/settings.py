@@ -307,10 +307,21 @@ def _original_cwd() -> Path:
     return Path.cwd()
 
 
+#: The sweep's top-level config keys (``conf/config.yaml``; ``prompts`` comes from a prompt group).
+TOP_KEYS: Tuple[str, ...] = (
+    "sweep_name", "out_dir", "threestudio_root", "seeds", "methods", "schemes",
+    "scheme_settings", "prompts", "prompts_file", "max_prompts", "gpus", "shard", "num_shards",
+    "stage", "dry_run", "force_eval", "fail_fast", "report", "job",
+)  # fmt: skip
+
+
 def load_settings(cfg: Any, *, base: Optional[Path] = None) -> Settings:
     """Validate the composed config. ``base``: where relative paths start (default: the
     directory the command was started in)."""
     raw = _plain(cfg)
+    for key in raw:  # a mistyped ``+key=value`` override would otherwise be ignored
+        if key not in TOP_KEYS:
+            raise SweepError(f"{key}: unknown config key, expected one of {sorted(TOP_KEYS)}")
     base = Path(base) if base is not None else _original_cwd()
 
     job = raw.get("job")

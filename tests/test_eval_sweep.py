@@ -552,6 +552,14 @@ def run_app(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_module_entry_point_takes_verbose_out_of_the_overrides(tmp_path: Path) -> None:
+    """``python -m ...eval.sweep`` is quiet unless ``--verbose``, which Hydra never sees (it would
+    reject it as an override)."""
+    proc = run_app(tmp_path, *small(tmp_path), "dry_run=true", "--verbose")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run: 8 jobs" in proc.stdout
+
+
 @pytest.mark.skipif(
     not _has("hydra_plugins.hydra_joblib_launcher"), reason="hydra-joblib-launcher not installed"
 )

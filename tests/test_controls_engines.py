@@ -451,3 +451,23 @@ def test_cli_window_reaches_the_sampler(tiny_sd_path: Path, tmp_path: Path) -> N
     assert main([*argv, "--perp-neg-start", "0.25", "--perp-neg-stop", "0.75"]) == 0
     text = json.dumps(json.loads((out / SIDECAR_NAME).read_text(encoding="utf-8")))
     assert '"perp_neg_start": 0.25' in text and '"perp_neg_stop": 0.75' in text
+
+
+def test_cli_records_the_window_in_the_sidecar_and_the_png(tmp_path: Path) -> None:
+    """The negatives' window is part of what made an image: the sidecar and each PNG keep it."""
+    import json
+
+    from PIL import Image
+
+    from threestudio_perpneg.commands.generate import main
+
+    out = tmp_path / "out"
+    argv = ["a corgi", "--view", "back", "--steps", "2", "--seeds", "0", "--out", str(out)]
+    assert main([*argv, "--perp-neg-start", "0.25", "--perp-neg-stop", "0.75"]) == 0
+    sidecar = json.loads((out / "generate.json").read_text())
+    settings = sidecar["settings"]
+    assert (settings["perp_neg_start"], settings["perp_neg_stop"]) == (0.25, 0.75)
+    (record,) = sidecar["images"]
+    with Image.open(out / record["file"]) as img:
+        meta = json.loads(img.text["perpneg"])
+    assert meta["perp_neg_window"] == [0.25, 0.75]

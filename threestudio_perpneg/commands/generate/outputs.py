@@ -85,5 +85,6 @@ def image_meta(batch: Dict[str, Any], cell: Dict[str, Any]) -> Dict[str, Any]:
         "azimuth": cell["azimuth"],
         "steps": kw.get("num_inference_steps"),
         "guidance_scale": kw.get("guidance_scale"),
+        "perp_neg_window": [kw.get("perp_neg_start", 0.0), kw.get("perp_neg_stop", 1.0)],
         "sidecar": SIDECAR_NAME,
     }

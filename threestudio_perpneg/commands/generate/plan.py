@@ -249,6 +249,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "scheduler": args.scheduler,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "perp_neg_start": args.perp_neg_start,
+        "perp_neg_stop": args.perp_neg_stop,
         "eta": args.eta,
         "height": args.height,
         "width": args.width,

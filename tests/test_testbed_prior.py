@@ -115,6 +115,33 @@ def test_configs_are_strict():
     with pytest.raises(ValueError, match="cfg_dropout"):
         TrainConfig(cfg_dropout=1.5)
     assert TrainConfig.from_dict(TrainConfig(steps=7).to_dict()) == TrainConfig(steps=7)
+    with pytest.raises(ValueError, match="freeze_view_words: expected true or false, got 'yes'"):
+        TrainConfig(freeze_view_words="yes")  # type: ignore[arg-type]
+
+
+def test_unfrozen_view_rows_start_at_the_separation_and_then_learn(tmp_path):
+    """The default recipe trains the view-word rows: they leave their scaled initial values."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+
+    dataset = default_dataset_config(view_word_separation=0.3)
+    prior = PriorConfig(block_out_channels=(16, 32), text_hidden_size=32, text_layers=1)
+    # No weight average (decay 0 from the first step): the saved weights are the trained ones.
+    recipe = TrainConfig(
+        steps=3, batch_size=8, pool_size=16, warmup_steps=0, threads=1, ema_decay=0.0
+    )
+    assert recipe.freeze_view_words is False
+    train_prior(tmp_path / "p", dataset, prior, recipe, progress=False)
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "p", subfolder="tokenizer")
+    ids = view_token_ids(tok)
+    _, fresh, _ = build_models(prior, tok.get_vocab(), recipe.seed)
+    apply_view_word_separation(fresh, ids, 0.3)
+    w0 = fresh.get_input_embeddings().weight.detach()[ids]
+    w1 = CLIPTextModel.from_pretrained(tmp_path / "p", subfolder="text_encoder")
+    w1 = w1.get_input_embeddings().weight.detach()[ids]
+    # Adam moves every row with a gradient by about lr per step: far more than float rounding.
+    assert (w1 - w0).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +153,13 @@ def trained(tmp_path_factory):
     dataset = default_dataset_config(view_word_separation=0.3)
     prior = PriorConfig(block_out_channels=(16, 32), text_hidden_size=32, text_layers=1)
     recipe = TrainConfig(
-        steps=2, batch_size=4, pool_size=16, warmup_steps=1, log_every=1, threads=1
+        steps=2,
+        batch_size=4,
+        pool_size=16,
+        warmup_steps=1,
+        log_every=1,
+        threads=1,
+        freeze_view_words=True,
     )
     metrics = train_prior(out, dataset, prior, recipe, progress=False)
     return out, dataset, prior, recipe, metrics
@@ -178,7 +211,15 @@ def test_training_continues_from_a_prior_folder(trained, tmp_path):
     from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
 
     out, dataset, prior, recipe, _ = trained
-    more = TrainConfig(steps=1, batch_size=4, pool_size=16, warmup_steps=0, threads=1, seed=5)
+    more = TrainConfig(
+        steps=1,
+        batch_size=4,
+        pool_size=16,
+        warmup_steps=0,
+        threads=1,
+        seed=5,
+        freeze_view_words=True,
+    )
     train_prior(tmp_path / "c", dataset, prior, more, progress=False, init_from=out)
     saved = json.loads((tmp_path / "c" / "testbed.json").read_text())
     assert saved["train"]["init_from"] == {**recipe.to_dict(), "init_from": None}
@@ -287,3 +328,32 @@ def test_shipped_prior_through_the_registered_threestudio_classes(
     assert len(seen) == 1 and tuple(seen[0][1:]) == (3, data.resolution, data.resolution)
     assert seen[0][0] == out["perp_neg_branches"] > 4
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+
+
+def test_bias_command_appends_calibration_attempts(trained, tmp_path, capsys):
+    """``testbed bias --calibration-log`` appends one attempt per run (knobs, recipe, rates),
+    and refuses a log that is not an attempts file instead of overwriting it."""
+    from threestudio_perpneg.__main__ import main
+
+    prior, dataset, _, recipe, _ = trained
+    log = tmp_path / "calibration.json"
+    argv = ["testbed", "bias", "--prior", str(prior), "--n", "3", "--steps", "2", "--quiet"]
+    for k, note in enumerate(["first", "second"]):
+        out = tmp_path / f"bias{k}"
+        assert main([*argv, "--out", str(out), "--calibration-log", str(log), "--note", note]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("front_fraction_noview") == 2 and "views {" in printed
+    attempts = json.loads(log.read_text())["attempts"]
+    assert [a["note"] for a in attempts] == ["first", "second"]
+    report = json.loads((tmp_path / "bias1" / "prior_bias.json").read_text())
+    for a in attempts:
+        assert a["dataset"] == dataset.to_dict() and a["train"]["steps"] == recipe.steps
+        assert a["steps"] == 2 and len(a["cells"]) == 3
+        for cell in a["cells"]:
+            assert 0 <= cell["successes"] <= cell["n"] == 3
+    assert attempts[1]["front_fraction_noview"] == report["front_fraction_noview"]
+
+    log.write_text(json.dumps({"something": 1}))
+    assert main([*argv, "--out", str(tmp_path / "b2"), "--calibration-log", str(log)]) == 2
+    assert "--calibration-log" in capsys.readouterr().err
+    assert json.loads(log.read_text()) == {"something": 1}

@@ -203,14 +203,16 @@ def run_bench(
     return report
 
 
-def format_bias(bias: Dict[str, Any]) -> str:
-    """The prior-bias cells as text lines (rate, interval, identity kept)."""
+def format_bias(bias: Dict[str, Any], *, views: bool = False) -> str:
+    """The prior-bias cells as text lines (rate, interval, identity kept; ``views``: the
+    classifier's label counts too)."""
     lines = ["prior bias (plain CFG, testbed classifier):"]
     for c in bias["cells"]:
         lo, hi = c["ci95"]
         lines.append(
             f"  {c['key']:<22} {c['successes']:>4}/{c['n']:<4} = {c['rate']:.3f} "
             f"[{lo:.3f}, {hi:.3f}]  identity kept {c['identity_kept']}/{c['n']}"
+            + (f"  views {c['view_counts']}" if views else "")
         )
     return "\n".join(lines)
 

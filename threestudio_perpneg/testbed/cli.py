@@ -252,6 +252,7 @@ def _train_classifier(ns: argparse.Namespace) -> None:
 
 def _bias(ns: argparse.Namespace) -> None:
     from ..commands.common import versions, write_json
+    from .bench import format_bias
     from .classifier import load_classifier
     from .prior import load_prior_path
     from .protocol2d import bias_summary, measure_prior_bias, save_sample_grid
@@ -284,13 +285,7 @@ def _bias(ns: argparse.Namespace) -> None:
     save_sample_grid(samples, ns.out / "samples.png")
     if ns.calibration_log is not None:
         _append_attempt(ns.calibration_log, prior, report, ns.note)
-    for c in report["cells"]:
-        lo, hi = c["ci95"]
-        print(
-            f"{c['key']:<22} {c['successes']:>4}/{c['n']:<4} = {c['rate']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}]  identity kept {c['identity_kept']}/{c['n']}  "
-            f"views {c['view_counts']}"
-        )
+    print(format_bias(report, views=True))
 
 
 def _classifier_id(path: Optional[str]) -> dict:

@@ -108,10 +108,11 @@ class DatasetConfig:
             The first template with an empty view is the protocols' base prompt.
         identities: identity words drawn uniformly (a subset of :data:`scenes.IDENTITIES`).
         view_word_separation: how strongly the prior's text encoder separates the view words
-            (≥ 0): their token-embedding rows are set to ``m + s·(e_v − m)`` (``m`` their mean)
-            at initialisation and kept fixed in training, so 1 = as initialised, 0 = the view
-            words are indistinguishable, > 1 = exaggerated
-            (:func:`threestudio_perpneg.testbed.prior.apply_view_word_separation`). It lives
+            at the start (≥ 0): their token-embedding rows are set to ``m + s·(e_v − m)``
+            (``m`` their mean) at initialisation, so 1 = as initialised, 0 = the view words are
+            indistinguishable, > 1 = exaggerated
+            (:func:`threestudio_perpneg.testbed.prior.apply_view_word_separation`); they then
+            train unless the recipe freezes them (``TrainConfig.freeze_view_words``). It lives
             here so it is saved with the data knobs. Default 1.
         seed: seed of the data stream used by training. Default 0.
     """

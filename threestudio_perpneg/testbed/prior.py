@@ -13,12 +13,14 @@ The checkpoint folder is what our guidance classes load with ``from_pretrained``
 
 ``view_word_separation`` (a knob of :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig`)
 sets how far apart the token embeddings of the view words (front, side, back, overhead, backside)
-start: the rows are ``m + s·(e_v − m)`` around their mean ``m`` with ``s`` the separation, and
-:func:`freeze_view_rows` keeps them fixed during training. ``s = 1`` gives independent random
-embeddings (as any other word); ``s → 0`` makes the view words nearly indistinguishable at the
-input of the encoder, so the prior learns the view conditioning slowly (a weakly view-aware text
-encoder, as CLIP's is for Stable Diffusion); ``s > 1`` exaggerates the difference. Later layers can still amplify a small difference:
-the knob sets how hard view conditioning is to learn, not an exact ceiling.
+start: the rows are ``m + s·(e_v − m)`` around their mean ``m`` with ``s`` the separation.
+``s = 1`` gives independent random embeddings (as any other word); ``s → 0`` makes the view words
+nearly indistinguishable at the start, so the prior learns the view conditioning more slowly;
+``s > 1`` exaggerates the difference. By default the rows then train like every other word (the
+prior learns as much view conditioning as the captions carry); with the recipe's
+``freeze_view_words`` :func:`freeze_view_rows` keeps them at their start. Frozen rows stay at the
+initial scale while the other words' rows grow, so a frozen prior barely reacts to view words
+(measured on attempt 4: view prompts moved ε by 0.3 % of the prompt's effect).
 """
 
 from __future__ import annotations

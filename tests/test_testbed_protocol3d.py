@@ -282,3 +282,43 @@ def test_controls_reach_the_3d_protocol(prior: Path, engine) -> None:
         P3.Protocol3DConfig(method="vanilla", perp_neg_sampling="one")
     with pytest.raises(ValueError, match="perp_neg_sampling"):
         P3.Protocol3DConfig(method="ours", perp_neg_sampling="some")
+
+
+def test_max_step_schedule_reaches_the_unet(prior: Path, engine) -> None:
+    """A ``max_step_percent`` schedule bounds each step's SDS timesteps as threestudio's C()."""
+    seen = []
+    hook = engine.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(
+            torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).max()
+        ),
+        with_kwargs=True,
+    )
+    try:
+        cfg = P3.Protocol3DConfig(
+            method="vanilla",
+            batch_size=4,
+            steps=3,
+            texture_size=8,
+            ring_views=8,
+            min_step_percent=0.02,
+            max_step_percent=[1, 0.98, 0.03, 2],  # 0.98 at step 0 and 1, 0.03 from step 2
+        )
+        P3.run_object(cfg, prior, _Fixed(), "a corgi", engine=engine)
+    finally:
+        hook.remove()
+    n_train = engine.num_train_timesteps
+    assert len(seen) == 3
+    assert int(seen[2]) <= int(0.03 * n_train)  # the last step is bounded by the schedule's end
+    assert max(int(t) for t in seen[:2]) > int(0.03 * n_train)  # earlier steps reach higher
+
+
+def test_max_step_schedule_is_validated_and_the_testbed_default_anneals() -> None:
+    with pytest.raises(ValueError, match="max_step_percent: expected end_step > start_step"):
+        P3.Protocol3DConfig(max_step_percent=[5, 0.98, 0.3, 5])
+    with pytest.raises(ValueError, match="min_step_percent/max_step_percent: .*every value"):
+        P3.Protocol3DConfig(max_step_percent=[0, 1.5, 0.3, 10])
+    with pytest.raises(ValueError, match="min_step_percent/max_step_percent"):
+        P3.Protocol3DConfig(min_step_percent=0.5, max_step_percent=[0, 0.98, 0.3, 10])
+    cfg = P3.Protocol3DConfig.testbed_default(400, method="noview")
+    assert cfg.steps == 400 and cfg.method == "noview"
+    assert cfg.max_step_percent == [0, 0.98, 0.3, 300]

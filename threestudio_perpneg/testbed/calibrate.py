@@ -47,12 +47,17 @@ def run_calibration(
     steps3d: int = 400,
     n2d: int = 128,
     ddim_steps: int = 50,
+    guidance2d: float = 3.0,
     identities: Optional[Sequence[str]] = None,
     base: Optional[Protocol3DConfig] = None,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
 ) -> Dict[str, Any]:
-    """Measure every identity's bias and no-view / vanilla 3D rows; write the JSON and the plot."""
+    """Measure every identity's bias and no-view / vanilla 3D rows; write the JSON and the plot.
+
+    ``guidance2d`` is the CFG scale of the bias samples (the bench's, :class:`.bench.BenchConfig`);
+    the 3D rows use :meth:`.protocol3d.Protocol3DConfig.testbed_default` unless ``base`` is given.
+    """
     from ..commands.common import versions
     from ..common.io import output_folder, write_json_atomic
     from .bench import rounded_interval
@@ -67,12 +72,18 @@ def run_calibration(
     dataset = DatasetConfig.from_dict(load_testbed_config(prior)["dataset"])
     names = list(identities or dataset.identities)
     classifier = load_classifier(classifier_path)
-    base = base or Protocol3DConfig(steps=steps3d)
+    base = base or Protocol3DConfig.testbed_default(steps3d)
     t0 = time.time()
     points: List[Dict[str, Any]] = []
     for ident in names:
         cells, _ = measure_prior_bias(
-            prior, classifier, n=n2d, steps=ddim_steps, identities=[ident], progress=progress
+            prior,
+            classifier,
+            n=n2d,
+            guidance_scale=guidance2d,
+            steps=ddim_steps,
+            identities=[ident],
+            progress=progress,
         )
         bias = bias_summary(cells)
         rows, _ = run_table3d(
@@ -115,6 +126,7 @@ def run_calibration(
             "seeds": seeds,
             "n2d": n2d,
             "ddim_steps": ddim_steps,
+            "guidance2d": guidance2d,
             "protocol3d": base.to_dict(),
             "seconds": round(time.time() - t0, 1),
             "versions": versions(),

@@ -92,8 +92,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     bias.add_argument(
         "--guidance-scale",
         type=lambda v: finite_float(v, "a number"),
-        default=7.5,
-        help="CFG scale s, ε_u + s(ε_c − ε_u) (default 7.5)",
+        default=3.0,
+        help="CFG scale s, ε_u + s(ε_c − ε_u) (default 3: at 7.5 the 16 px prior oversaturates)",
     )
     bias.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     bias.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed (default 0)")

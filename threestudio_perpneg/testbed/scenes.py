@@ -222,16 +222,19 @@ def identity_textures(
     if not features:
         return tex.clamp(0.0, 1.0)
     # Face, centred at φ = 0.
-    eye_phi, eye_theta = 22.0 + pos[:, 0:1], 82.0 + pos[:, 1:2]
+    eye_phi, eye_theta = 25.0 + pos[:, 0:1], 82.0 + pos[:, 1:2]
     es = param([look.eye_scale for look in looks])[:, None, None, None] * scale[:, 0:1]
     white = torch.ones(1, 3, 1, 1)
+    # Feature sizes are set for the 16 px prior: at 16 px one pixel spans about 8° at the centre
+    # of the head, so pupils (~1.5 px) and the mouth (~2 px tall) survive the render; thinner
+    # features (pupils of 1 px, a 1 px mouth) left the prior's samples and SDS faceless.
     for side in (-1.0, 1.0):
-        tex = paint(tex, blob(side * eye_phi, eye_theta - 14.0 * es, 12.0 * es, 2.5), hair)
-        tex = paint(tex, blob(side * eye_phi, eye_theta, 12.0 * es, 9.0 * es), white)
-        tex = paint(tex, blob(side * eye_phi, eye_theta + 1.0, 4.5 * es, 4.5 * es), pupil)
-    tex = paint(tex, blob(0.0, 99.0 + pos[:, 3:4], 6.0, 8.0), nose)
+        tex = paint(tex, blob(side * eye_phi, eye_theta - 16.0 * es, 13.0 * es, 3.0), hair)
+        tex = paint(tex, blob(side * eye_phi, eye_theta, 14.0 * es, 12.0 * es), white)
+        tex = paint(tex, blob(side * eye_phi, eye_theta + 1.0, 6.0 * es, 6.0 * es), pupil)
+    tex = paint(tex, blob(0.0, 100.0 + pos[:, 3:4], 6.0, 8.0), nose)
     ms = param([look.mouth_scale for look in looks])[:, None, None, None] * scale[:, 1:2]
-    tex = paint(tex, blob(0.0, 116.0 + pos[:, 2:3], 20.0 * ms, 5.0), mouth)
+    tex = paint(tex, blob(0.0, 118.0 + pos[:, 2:3], 22.0 * ms, 8.0), mouth)
     return tex.clamp(0.0, 1.0)
 
 

@@ -32,8 +32,9 @@ __all__ = ["BenchConfig", "BENCH_IDENTITY", "run_bench", "format_table3d", "form
 
 PathLike = Union[str, Path]
 
-#: The identity the benchmark prompts: the one whose captions' view phrases are least reliable
-#: (see the shipped prior's ``calibration.json``; chosen from the no-view and vanilla rows only).
+#: The identity the benchmark prompts: the one whose captions' view phrases are least reliable,
+#: where vanilla SDS gave Janus with the front kept in 8/8 calibration runs (README "Calibration";
+#: chosen from the no-view and vanilla rows only).
 BENCH_IDENTITY = "troll"
 
 

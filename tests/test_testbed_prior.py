@@ -357,3 +357,15 @@ def test_bias_command_appends_calibration_attempts(trained, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "b2"), "--calibration-log", str(log)]) == 2
     assert "--calibration-log" in capsys.readouterr().err
     assert json.loads(log.read_text()) == {"something": 1}
+
+
+def test_default_recipe_and_knobs_are_the_shipped_priors():
+    """``testbed train --out DIR`` with no options retrains the shipped prior's recipe and data."""
+    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config
+
+    saved = json.loads((_shipped() / "testbed.json").read_text())
+    train = {k: v for k, v in saved["train"].items() if k != "init_from"}
+    assert saved["train"]["init_from"] is None  # trained from scratch, not continued
+    assert TrainConfig.from_dict(train) == TrainConfig()
+    assert saved["dataset"] == default_dataset_config().to_dict()
+    assert saved["prior"] == PriorConfig().to_dict()

@@ -487,6 +487,12 @@ def test_bad_inputs(tmp_path: Path, override: str, key: str) -> None:
         load_settings(cfg)
 
 
+def test_top_keys_are_the_composed_configs(tmp_path: Path) -> None:
+    """settings.TOP_KEYS (the unknown-key check) lists exactly the keys of the composed config."""
+    cfg = compose_cfg(*small(tmp_path))
+    assert sorted(k for k in cfg if k != "hydra") == sorted(settings.TOP_KEYS)
+
+
 def test_prompts_file_is_appended(tmp_path: Path) -> None:
     f = tmp_path / "more.txt"
     f.write_text("# extra prompts\na DSLR photo of an owl\n\na tiger cub\n")

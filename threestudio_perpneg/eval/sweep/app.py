@@ -154,7 +154,10 @@ def _hydra_error(err: Exception, overrides: Sequence[str]) -> str:
         given = [o for o in overrides if o.split("=", 1)[0] == key]
         known = ", ".join(str(k) for k in parent.keys() if k != "hydra")
         value = f" in {given[-1]!r}" if given else ""
-        return f"{key}: unknown key{value}, expected one of {known} (+{key}=... adds a new key)"
+        # ``+key=...`` adds a key inside a group (job, report, ...); a new top-level key is
+        # refused by load_settings, so it is not suggested there.
+        hint = f" (+{key}=... adds a new key)" if "." in str(key) else ""
+        return f"{key}: unknown key{value}, expected one of {known}{hint}"
     key = getattr(err, "full_key", None)
     if key:  # an OmegaConf error (e.g. an interpolation): its first line and the key
         return f"{str(err).strip().splitlines()[0]} (in {key})"

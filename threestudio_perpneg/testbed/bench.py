@@ -37,6 +37,10 @@ PathLike = Union[str, Path]
 #: chosen from the no-view and vanilla rows only).
 BENCH_IDENTITY = "troll"
 
+#: CFG scale of the testbed's 2D samples (bench and calibration): at 7.5 the 16 px prior's
+#: plain-CFG samples oversaturate and lose the identity (see ``BenchConfig.guidance2d``).
+GUIDANCE_2D = 3.0
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -64,7 +68,7 @@ class BenchConfig:
     n2d: int = 128
     ddim_steps: int = 25
     n_curve: int = 64
-    guidance2d: float = 3.0
+    guidance2d: float = GUIDANCE_2D
     identity: str = BENCH_IDENTITY
     seed: int = 0
     controls: bool = False

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from .bench import GUIDANCE_2D, rounded_interval
 from .protocol3d import Protocol3DConfig
 from .table3d import MethodSpec
 
@@ -47,7 +48,7 @@ def run_calibration(
     steps3d: int = 400,
     n2d: int = 128,
     ddim_steps: int = 50,
-    guidance2d: float = 3.0,
+    guidance2d: float = GUIDANCE_2D,
     identities: Optional[Sequence[str]] = None,
     base: Optional[Protocol3DConfig] = None,
     progress: bool = True,
@@ -60,7 +61,6 @@ def run_calibration(
     """
     from ..commands.common import versions
     from ..common.io import output_folder, write_json_atomic
-    from .bench import rounded_interval
     from .classifier import load_classifier
     from .dataset import DatasetConfig
     from .prior import load_prior_path, load_testbed_config

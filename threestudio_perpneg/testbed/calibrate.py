@@ -32,11 +32,9 @@ CALIBRATION_METHODS = (MethodSpec("noview", 4), MethodSpec("vanilla", 4))
 
 def phrase_reliability(dataset: Any, identity: str, view: str = "back") -> float:
     """P(true view = ``view`` | caption says ``view``) for ``identity``'s captions (Bayes rule)."""
-    matrix = dataset.phrase_matrix(identity)
-    freq = dataset.view_frequencies
-    joint = {v: freq.get(v, 0.0) * matrix.get(v, {}).get(view, 0.0) for v in matrix}
-    total = sum(joint.values())
-    return joint.get(view, 0.0) / total if total > 0 else float("nan")
+    from .dataset import p_view_given_phrase
+
+    return p_view_given_phrase(dataset, view, identity)
 
 
 def run_calibration(

@@ -29,13 +29,18 @@ from . import scenes
 __all__ = [
     "DatasetConfig",
     "Batch",
+    "CAPTION_KEYS",
     "confusion_matrix",
+    "p_view_given_phrase",
     "sample_batch",
     "sample_cameras",
     "caption_words",
     "base_prompt",
     "view_prompt",
 ]
+
+#: The knobs that change only the captions, never a render (see :func:`sample_batch`).
+CAPTION_KEYS = ("view_phrase_prob", "view_phrase_matrix", "identity_view_phrase_matrix")
 
 #: The guidance's view suffix (threestudio's ``"{prompt}, side view"``), without the prompt.
 VIEW_PHRASE = ", {view} view"
@@ -58,6 +63,19 @@ def confusion_matrix(
         row[v] = 1.0 - error if others else 1.0
         out[v] = {w: row[w] for w in views}
     return out
+
+
+def p_view_given_phrase(cfg: DatasetConfig, view: str, identity: Optional[str] = None) -> float:
+    """P(the image shows ``view`` | its caption says "``view`` view"), from the knobs (Bayes).
+
+    The reliability of a view phrase as the prior's training data has it: the view frequencies
+    times the phrase matrix of ``identity`` (the shared matrix when None), normalised over the
+    images whose caption names ``view``. NaN when no caption can name it.
+    """
+    matrix = cfg.phrase_matrix(identity) if identity else cfg.view_phrase_matrix
+    joint = {v: cfg.view_frequencies.get(v, 0.0) * matrix.get(v, {}).get(view, 0.0) for v in matrix}
+    total = sum(joint.values())
+    return joint.get(view, 0.0) / total if total > 0 else math.nan
 
 
 def _default_templates() -> Tuple[str, ...]:
@@ -338,6 +356,21 @@ def _choice(probs: Sequence[float], n: int, generator: torch.Generator) -> Tenso
     )
 
 
+def _inverse_cdf(row: Mapping[str, float], u: float) -> str:
+    """The first name whose cumulative probability exceeds ``u`` in [0, 1) (zero-probability names never)."""
+    total, last = 0.0, None
+    for name, p in row.items():
+        if p <= 0.0:
+            continue
+        total += p
+        last = name
+        if u < total:
+            return name
+    if last is None:
+        raise ValueError(f"view phrase row: expected a positive probability, got {dict(row)}")
+    return last  # u within rounding of 1
+
+
 def _uniform(lo: float, hi: float, n: int, generator: torch.Generator) -> Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
 
@@ -398,15 +431,17 @@ def sample_batch(cfg: DatasetConfig, n: int, generator: torch.Generator) -> Batc
     az, el, dist = sample_cameras(cfg, views, generator)
     has_phrase = torch.rand(n, generator=generator) < cfg.view_phrase_prob
     template_idx = torch.randint(len(cfg.templates), (n,), generator=generator)
+    # One uniform per image, drawn whether or not it gets a phrase, picks the written view by
+    # inverse CDF: the generator's consumption (hence every render) is then independent of the
+    # caption knobs, so priors that differ only in their captions see the same renders.
+    pick = torch.rand(n, generator=generator, dtype=torch.float64)
     written: List[Optional[str]] = []
     for i, v in enumerate(views):
         if not bool(has_phrase[i]):
             written.append(None)
             continue
         row = cfg.phrase_matrix(ids[i])[v]
-        names = list(row)
-        j = int(_choice([row[k] for k in names], 1, generator)[0])
-        written.append(names[j])
+        written.append(_inverse_cdf(row, float(pick[i])))
     captions = [
         cfg.templates[int(template_idx[i])].format(
             identity=ids[i], view="" if w is None else VIEW_PHRASE.format(view=w)

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .dataset import DatasetConfig, sample_batch
+from .dataset import CAPTION_KEYS, DatasetConfig, sample_batch
 from .prior import (
     PriorConfig,
     apply_view_word_separation,
@@ -292,8 +292,15 @@ def _load_init(
     from .prior import load_testbed_config
 
     meta = load_testbed_config(path)
-    for key, mine in (("dataset", dataset.to_dict()), ("prior", prior.to_dict())):
-        if meta.get(key) != mine:
+    # The caption knobs may differ (a caption variant fine-tuned from a shared base: the renders
+    # are the same whatever the captions, see dataset.sample_batch); every other knob must match.
+    saved = {k: v for k, v in dict(meta.get("dataset") or {}).items() if k not in CAPTION_KEYS}
+    mine_data = {k: v for k, v in dataset.to_dict().items() if k not in CAPTION_KEYS}
+    for key, theirs, mine in (
+        ("dataset", saved, mine_data),
+        ("prior", meta.get("prior"), prior.to_dict()),
+    ):
+        if theirs != mine:
             raise ValueError(f"init_from: {path} was trained with another {key} config")
     saved_vocab = json.loads((Path(path) / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
     if saved_vocab != vocab:

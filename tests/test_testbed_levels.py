@@ -1,0 +1,90 @@
+"""The view-knowledge sweep's prior family: same renders at every level, only the captions differ."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from threestudio_perpneg.testbed import dataset as D
+from threestudio_perpneg.testbed import levels as L
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    error=st.floats(0.0, 1.0),
+    prob=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_renders_do_not_depend_on_the_caption_knobs(error: float, prob: float, seed: int) -> None:
+    ref = D.sample_batch(L.base_dataset(), 24, torch.Generator().manual_seed(seed))
+    knobs = {**L.base_dataset().to_dict(), "view_phrase_prob": prob}
+    knobs["view_phrase_matrix"] = D.confusion_matrix(error)
+    other = D.sample_batch(
+        D.DatasetConfig.from_dict(knobs), 24, torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(ref.images, other.images)
+    assert ref.views == other.views and ref.identities == other.identities
+    assert torch.equal(ref.azimuth_deg, other.azimuth_deg)
+
+
+def test_written_views_follow_the_level_matrix() -> None:
+    lv = L.find_level("p35")
+    batch = D.sample_batch(lv.dataset(), 6000, torch.Generator().manual_seed(3))
+    for true in ("front", "side", "back"):
+        written = [w for v, w in zip(batch.views, batch.written_views) if v == true and w]
+        right = sum(w == true for w in written) / len(written)
+        # Binomial: 1 - error within 4 standard errors.
+        se = math.sqrt(lv.error * (1 - lv.error) / len(written))
+        assert abs(right - (1 - lv.error)) < 4 * se, (true, right, len(written))
+    phrased = sum(w is not None for w in batch.written_views) / len(batch.views)
+    assert abs(phrased - 0.3) < 4 * math.sqrt(0.21 / len(batch.views))
+
+
+def test_levels_span_inert_to_informative_by_bayes_rule() -> None:
+    # P(back | "back view") = 0.1 (1 - e) / (0.1 (1 - e) + 0.9 e / 2), written out by hand.
+    for lv, target in zip(L.LEVELS, (0.15, 0.35, 0.55, 0.80)):
+        e = lv.error
+        by_hand = 0.1 * (1 - e) / (0.1 * (1 - e) + 0.45 * e)
+        assert lv.p_back() == pytest.approx(by_hand)
+        assert abs(lv.p_back() - target) < 0.02, (lv.name, lv.p_back())
+        side = 0.2 * (1 - e) / (0.2 * (1 - e) + 0.4 * e)
+        assert lv.p_side() == pytest.approx(side)
+    assert [lv.p_back() for lv in L.LEVELS] == sorted(lv.p_back() for lv in L.LEVELS)
+    # Only the caption knobs differ between levels (and the base).
+    dicts = [lv.dataset().to_dict() for lv in L.LEVELS] + [L.base_dataset().to_dict()]
+    for d in dicts:
+        for key in D.CAPTION_KEYS:
+            d.pop(key)
+    assert all(d == dicts[0] for d in dicts)
+
+
+def test_unknown_level_is_named() -> None:
+    with pytest.raises(ValueError, match="level: unknown level 'p99', expected one of"):
+        L.parse_levels(["p15", "p99"])
+    assert [lv.name for lv in L.parse_levels(None)] == list(L.LEVEL_NAMES)
+
+
+def test_a_level_continues_the_base_and_other_knobs_are_refused(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    from threestudio_perpneg.testbed.prior import PriorConfig
+    from threestudio_perpneg.testbed.train import TrainConfig, train_prior
+
+    prior = PriorConfig(resolution=16, block_out_channels=(16, 16), cross_attention_levels=1)
+    recipe = TrainConfig(steps=2, batch_size=2, pool_size=8, warmup_steps=0)
+    base = tmp_path / "base"
+    train_prior(base, L.base_dataset(), prior, recipe, progress=False)
+    lv = L.find_level("p80")
+    train_prior(tmp_path / "p80", lv.dataset(), prior, recipe, progress=False, init_from=base)
+    saved = json.loads((tmp_path / "p80" / "testbed.json").read_text())
+    assert saved["dataset"]["view_phrase_matrix"] == D.confusion_matrix(lv.error)
+    assert saved["train"]["init_from"]["steps"] == 2
+    other = D.DatasetConfig.from_dict({**lv.dataset().to_dict(), "texture_jitter": 0.9})
+    with pytest.raises(ValueError, match="init_from: .* another dataset config"):
+        train_prior(tmp_path / "x", other, prior, recipe, progress=False, init_from=base)

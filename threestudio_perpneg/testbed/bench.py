@@ -58,7 +58,9 @@ class BenchConfig:
             and troll keep it in 3 % and 6 % of the samples against 100 % at 3; no dynamic
             thresholding as DeepFloyd IF has).
         identity: the prompted identity (default :data:`BENCH_IDENTITY`).
-        seed: seed of the 2D noise (the 3D seeds are ``0 .. seeds-1``). Default 0.
+        seed: seed of the 2D noise. Default 0.
+        first_seed: the 3D seeds are ``first_seed .. first_seed + seeds - 1``. Default 0.
+        no_2d: skip the 2D measurements (prior bias, 2D table, curve). Default False.
         controls: add issue 12's rows (ours with each Perp-Neg control at batch 1 and 4,
             :func:`.table3d.control_methods`). Default False.
     """
@@ -72,6 +74,8 @@ class BenchConfig:
     identity: str = BENCH_IDENTITY
     seed: int = 0
     controls: bool = False
+    first_seed: int = 0
+    no_2d: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -84,6 +88,13 @@ def rounded_interval(successes: int, n: int) -> List[float]:
 
     lo, hi = wilson_interval(int(successes), int(n))
     return [round(lo, 4), round(hi, 4)]
+
+
+def add_intervals(rows: Sequence[Dict[str, Any]]) -> None:
+    """Add ``janus_ci95`` and ``front_kept_ci95`` (95 % Wilson) to 3D table rows, in place."""
+    for row in rows:
+        row["janus_ci95"] = rounded_interval(row["janus"], row["seeds"])
+        row["front_kept_ci95"] = rounded_interval(row["front_kept"], row["seeds"])
 
 
 def run_bench(
@@ -128,50 +139,54 @@ def run_bench(
     base = base or Protocol3DConfig.testbed_default(config.steps3d)
     t0 = time.time()
 
-    cells, _ = measure_prior_bias(
-        prior,
-        classifier,
-        n=config.n2d,
-        guidance_scale=config.guidance2d,
-        steps=config.ddim_steps,
-        seed=config.seed,
-        identities=[config.identity],
-        progress=progress,
-    )
-    bias = bias_summary(cells)
-    echo(format_bias(bias))
-    t_bias = time.time() - t0
-
-    table2d = measure_table2d(
-        prior,
-        classifier,
-        identity=config.identity,
-        n=config.n2d,
-        guidance_scale=config.guidance2d,
-        steps=config.ddim_steps,
-        seed=config.seed,
-        progress=progress,
-    )
-    echo(format_table2d(table2d))
+    bias: Dict[str, Any] = {}
+    table2d: List[Dict[str, Any]] = []
     curve: List[Dict[str, Any]] = []
-    if config.n_curve > 0:
-        curve = negative_weight_curve(
+    t_bias = 0.0
+    if not config.no_2d:
+        cells, _ = measure_prior_bias(
+            prior,
+            classifier,
+            n=config.n2d,
+            guidance_scale=config.guidance2d,
+            steps=config.ddim_steps,
+            seed=config.seed,
+            identities=[config.identity],
+            progress=progress,
+        )
+        bias = bias_summary(cells)
+        echo(format_bias(bias))
+        t_bias = time.time() - t0
+
+        table2d = measure_table2d(
             prior,
             classifier,
             identity=config.identity,
-            view="back",
-            n=config.n_curve,
+            n=config.n2d,
             guidance_scale=config.guidance2d,
             steps=config.ddim_steps,
             seed=config.seed,
             progress=progress,
         )
-        plot_negative_weight_curve(
-            curve,
-            folder / "curve2d.png",
-            title=f"{config.identity}: back view success against the front negative's weight",
-        )
-        echo(format_curve(curve))
+        echo(format_table2d(table2d))
+        if config.n_curve > 0:
+            curve = negative_weight_curve(
+                prior,
+                classifier,
+                identity=config.identity,
+                view="back",
+                n=config.n_curve,
+                guidance_scale=config.guidance2d,
+                steps=config.ddim_steps,
+                seed=config.seed,
+                progress=progress,
+            )
+            plot_negative_weight_curve(
+                curve,
+                folder / "curve2d.png",
+                title=f"{config.identity}: back view success against the front negative's weight",
+            )
+            echo(format_curve(curve))
     t_2d = time.time() - t0 - t_bias
 
     if methods is None:
@@ -179,15 +194,13 @@ def run_bench(
     rows, results = run_table3d(
         prior,
         classifier,
-        list(range(config.seeds)),
+        list(range(config.first_seed, config.first_seed + config.seeds)),
         methods=methods,
         base=base,
         identities=[config.identity],
         progress=progress,
     )
-    for row in rows:
-        row["janus_ci95"] = rounded_interval(row["janus"], row["seeds"])
-        row["front_kept_ci95"] = rounded_interval(row["front_kept"], row["seeds"])
+    add_intervals(rows)
     echo(format_table3d(rows))
     t_3d = time.time() - t0 - t_bias - t_2d
     save_rings(folder / "rings.png", results, max_seeds=3)

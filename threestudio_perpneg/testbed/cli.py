@@ -13,6 +13,10 @@ Subcommands:
   3D table printed, ``DIR/testbed.json`` and ``DIR/rings.png``.
 * ``calibrate --out DIR``: the vanilla / no-view Janus rate per identity against its captions'
   view-phrase reliability (:mod:`.calibrate`): ``DIR/calibration.json`` and ``.png``.
+* ``train-levels --out DIR [--levels ...]``: the view-knowledge sweep's prior family
+  (:mod:`.levels`): ``DIR/base`` and one folder per level.
+* ``sweep --out DIR [--quick] [--levels ...] [--first-seed N] [--priors DIR]``: Perp-Neg along
+  the sweep (:mod:`.sweep`): ``DIR/sweep.json``, ``sweep.png``, ``sweep2d.png``, rings per level.
 
 Bad arguments exit with code 2 and a one-line message.
 """
@@ -50,7 +54,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         description="Janus testbed: a small prior trained on procedural head renders.",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{train,train-classifier,bias,bench,calibrate}"
+        dest="command",
+        metavar="{train,train-classifier,bias,bench,calibrate,train-levels,sweep}",
     )
     sub.required = True
 
@@ -143,7 +148,82 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     bench.add_argument(
         "--identity", default=None, help="prompted identity (default: the calibrated one, troll)"
     )
+    bench.add_argument(
+        "--first-seed",
+        type=nonnegative_int,
+        default=0,
+        help="first 3D seed: objects use seeds N .. N+seeds-1 (default 0)",
+    )
+    bench.add_argument(
+        "--no-2d", action="store_true", help="skip the 2D measurements (bias, 2D table, curve)"
+    )
+    _add_sweep_parsers(sub)
     return parser
+
+
+def _add_sweep_parsers(sub: Any) -> None:
+    from .levels import LEVEL_NAMES
+
+    levels_help = f"level names, some of {' '.join(LEVEL_NAMES)} (default all)"
+    tl = sub.add_parser("train-levels", help="train the sweep's prior family (base + levels)")
+    tl.add_argument("--out", required=True, type=Path, help="output folder")
+    tl.add_argument("--levels", nargs="+", default=None, metavar="LEVEL", help=levels_help)
+    tl.add_argument(
+        "--base", default=None, help="an existing base folder to continue from (default: train)"
+    )
+    tl.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw = sub.add_parser("sweep", help="Perp-Neg along a sweep of the prior's view knowledge")
+    sw.add_argument("--out", required=True, type=Path, help="output folder")
+    sw.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes)")
+    sw.add_argument("--levels", nargs="+", default=None, metavar="LEVEL", help=levels_help)
+    sw.add_argument(
+        "--first-seed", type=nonnegative_int, default=0, help="first seed of every cell (default 0)"
+    )
+    sw.add_argument(
+        "--priors",
+        default=None,
+        help="folder with one prior per level (default: benchmarks/results/testbed-sweep/priors)",
+    )
+    sw.add_argument(
+        "--classifier", default=None, help="classifier folder (default: the shipped one)"
+    )
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_levels(ns: argparse.Namespace) -> None:
+    from .levels import parse_levels, train_base, train_level
+
+    try:
+        chosen = parse_levels(ns.levels)
+        base = Path(ns.base) if ns.base else ns.out / "base"
+        if ns.base is None:
+            m = train_base(base, progress=not ns.quiet)
+            print(f"base written to {base}: final loss {m['final_loss']:.4f}")
+        for lv in chosen:
+            m = train_level(ns.out / lv.name, lv, base, progress=not ns.quiet)
+            print(
+                f"level {lv.name} (P(back | back view) = {lv.p_back():.3f}) written to "
+                f"{ns.out / lv.name}: final loss {m['final_loss']:.4f}"
+            )
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError) as err:
+        raise TestbedError(str(err)) from None
+
+
+def _sweep(ns: argparse.Namespace) -> None:
+    from .sweep import SweepConfig, run_sweep
+
+    config = (SweepConfig.quick if ns.quick else SweepConfig)(first_seed=ns.first_seed)
+    try:
+        run_sweep(
+            ns.out,
+            config,
+            levels=ns.levels,
+            priors=ns.priors,
+            classifier_path=ns.classifier,
+            progress=not ns.quiet,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise TestbedError(str(err)) from None
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -157,6 +237,8 @@ def _bench(ns: argparse.Namespace) -> None:
     if ns.identity is not None:
         sizes["identity"] = ns.identity
     sizes["controls"] = ns.controls
+    sizes["first_seed"] = ns.first_seed
+    sizes["no_2d"] = ns.no_2d
     config = BenchConfig.quick(**sizes) if ns.quick else BenchConfig(**sizes)
     try:
         run_bench(
@@ -342,6 +424,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         "bias": _bias,
         "bench": _bench,
         "calibrate": _calibrate,
+        "train-levels": _train_levels,
+        "sweep": _sweep,
     }[ns.command]
     return run_command(parser.prog, lambda: run(ns), TestbedError)
 

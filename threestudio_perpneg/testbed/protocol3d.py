@@ -85,6 +85,9 @@ class Protocol3DConfig:
         texture_size: height of the learnable texture in texels (width twice that). Default 32.
         init_std: standard deviation of the random texture logits (texture = sigmoid). Default 1.
         elevation_range_deg: camera elevation range (degrees). Default (−10, 45).
+        azimuth_range_deg: camera azimuth range (degrees, front = 0), stratified over the batch
+            like threestudio's; default (−180, 180), the whole ring. The sanity check of a 3D
+            protocol that can draw a face restricts it to (−30, 30).
         camera_distance_range: distance range (head radii); None uses the prior's training range.
         fovy_range_deg: field-of-view range (degrees); None uses the prior's training fov.
         batch_uniform_azimuth: stratify azimuths over the batch (threestudio default True).
@@ -114,6 +117,7 @@ class Protocol3DConfig:
     texture_size: int = 32
     init_std: float = 1.0
     elevation_range_deg: Tuple[float, float] = (-10.0, 45.0)
+    azimuth_range_deg: Tuple[float, float] = (-180.0, 180.0)
     camera_distance_range: Optional[Tuple[float, float]] = None
     fovy_range_deg: Optional[Tuple[float, float]] = None
     batch_uniform_azimuth: bool = True
@@ -170,6 +174,12 @@ class Protocol3DConfig:
                 f"elevation_range_deg: expected -90 <= low <= high <= 90, got {self.elevation_range_deg}"
             )
         self.elevation_range_deg = (el_lo, el_hi)
+        az_lo, az_hi = (float(x) for x in self.azimuth_range_deg)
+        if not -180.0 <= az_lo < az_hi <= 180.0:
+            raise ValueError(
+                f"azimuth_range_deg: expected -180 <= low < high <= 180, got {self.azimuth_range_deg}"
+            )
+        self.azimuth_range_deg = (az_lo, az_hi)
         for key in ("camera_distance_range", "fovy_range_deg"):
             v = getattr(self, key)
             if v is not None:
@@ -266,6 +276,7 @@ def sample_cameras(
     camera_distance_range: Tuple[float, float],
     fovy_range_deg: Tuple[float, float],
     batch_uniform_azimuth: bool = True,
+    azimuth_range_deg: Tuple[float, float] = (-180.0, 180.0),
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """threestudio-style random cameras: (elevation, azimuth, distance, fovy), ``[n]`` each, degrees."""
     lo, hi = elevation_range_deg
@@ -275,7 +286,8 @@ def sample_cameras(
         s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
         el = torch.rad2deg(torch.asin(s_lo + (s_hi - s_lo) * torch.rand(n, generator=generator)))
     u = torch.rand(n, generator=generator)
-    az = ((u + torch.arange(n)) / n if batch_uniform_azimuth else u) * 360.0 - 180.0
+    a_lo, a_hi = azimuth_range_deg
+    az = ((u + torch.arange(n)) / n if batch_uniform_azimuth else u) * (a_hi - a_lo) + a_lo
     d_lo, d_hi = camera_distance_range
     dist = d_lo + (d_hi - d_lo) * torch.rand(n, generator=generator)
     f_lo, f_hi = fovy_range_deg
@@ -465,6 +477,7 @@ def run_objects(
                 camera_distance_range=dist_range,
                 fovy_range_deg=fovy_range,
                 batch_uniform_azimuth=cfg.batch_uniform_azimuth,
+                azimuth_range_deg=cfg.azimuth_range_deg,
             )
             # threestudio's draw order inside the guidance: timesteps, then noise.
             ts.append(torch.randint(min_step, max_step + 1, [b], dtype=torch.long, generator=g))

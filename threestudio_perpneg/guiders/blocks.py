@@ -155,7 +155,8 @@ class PerpNegTextEncoderStep(ModularPipelineBlocks):
             state.set(name, value)
         packed = None
         if negatives and any(isinstance(v, torch.Tensor) for v in runs[0].values()):
-            packed = {"uncond": runs[0], "negatives": runs[1:]}
+            positive = {n[len("negative_") :]: state.get(n[len("negative_") :]) for n in neg_names}
+            packed = {"uncond": runs[0], "negatives": runs[1:], "positive": positive}
         state.set(NEGATIVES_KEY, packed)
         return components, state
 
@@ -163,10 +164,13 @@ class PerpNegTextEncoderStep(ModularPipelineBlocks):
 class PerpNegPackStep(ModularPipelineBlocks):
     """Packs the negatives under the unconditional rows right before the denoise loop.
 
-    Each stored negative (``B`` rows, one per prompt) is repeated as the pipeline repeated the
-    unconditional embedding (``num_images_per_prompt`` consecutive copies per prompt); the step
-    checks that the stored unconditional, repeated the same way, is the pipeline's, so a pipeline
-    that orders its rows otherwise fails loudly instead of pairing a negative with the wrong sample.
+    The pipeline has repeated every embedding for ``num_images_per_prompt`` by then, and not
+    always the same way for every field (diffusers 0.42's SDXL input step repeats
+    ``prompt_embeds`` per prompt, ``[p1, p1, p2, p2]``, but tiles ``pooled_prompt_embeds``,
+    ``[p1, p2, p1, p2]``). So each field's row order is read off its positive counterpart
+    (``prompt_embeds`` for ``negative_prompt_embeds``): row r of negative k is negative k's
+    encoding for the prompt whose positive sits in row r. The pipeline's unconditional rows are
+    checked against the same order; a field whose rows cannot be traced fails with one line.
     """
 
     @property
@@ -186,19 +190,44 @@ class PerpNegPackStep(ModularPipelineBlocks):
             now = state.get(name)
             if not isinstance(uncond, torch.Tensor) or not isinstance(now, torch.Tensor):
                 continue
-            copies, rest = divmod(now.shape[0], uncond.shape[0])
-            repeated = uncond.to(now).repeat_interleave(copies, dim=0) if not rest else None
-            if repeated is None or not torch.equal(repeated, now):
-                raise ValueError(
-                    f"{name}: the pipeline's {now.shape[0]} unconditional rows are not the "
-                    f"{uncond.shape[0]} encoded ones repeated per prompt; PerpNegPackStep cannot "
-                    "pair the negatives with their samples in this pipeline"
-                )
-            rows = [now] + [
-                neg[name].to(now).repeat_interleave(copies, dim=0) for neg in stored["negatives"]
-            ]
+            positive = name[len("negative_") :]
+            index = _row_map(stored["positive"].get(positive), state.get(positive), now, uncond, name)
+            rows = [now] + [neg[name].to(now).index_select(0, index) for neg in stored["negatives"]]
             state.set(name, torch.cat(rows, dim=0))
         return components, state
+
+
+def _row_map(
+    pos_encoded: Any, pos_now: Any, now: torch.Tensor, uncond: torch.Tensor, name: str
+) -> torch.Tensor:
+    """For each row of ``now``, the encoded prompt it belongs to (traced through the positive)."""
+    rows, prompts = now.shape[0], uncond.shape[0]
+    copies = rows // prompts if prompts and rows % prompts == 0 else 0
+    default = [r // copies for r in range(rows)] if copies else None
+    traceable = (
+        isinstance(pos_encoded, torch.Tensor)
+        and isinstance(pos_now, torch.Tensor)
+        and pos_now.shape[0] == rows
+        and pos_encoded.shape[1:] == pos_now.shape[1:]
+    )
+    if traceable:
+        enc = pos_encoded.to(pos_now)
+        index = []
+        for r in range(rows):
+            hits = [b for b in range(enc.shape[0]) if torch.equal(enc[b], pos_now[r])]
+            if not hits:
+                index = []
+                break
+            index.append(default[r] if default and default[r] in hits else hits[0])
+    else:
+        index = default or []
+    result = torch.tensor(index, dtype=torch.long, device=now.device)
+    if len(index) != rows or not torch.equal(uncond.to(now).index_select(0, result), now):
+        raise ValueError(
+            f"{name}: cannot trace the pipeline's {rows} rows back to the {prompts} encoded "
+            "prompts; PerpNegPackStep cannot pair the negatives with their samples here"
+        )
+    return result
 
 
 def _has_loop(block: ModularPipelineBlocks) -> bool:

@@ -130,6 +130,15 @@ class PerpNegGuidance(BaseGuidance):
         self.guidance_rescale = check_float("guidance_rescale", guidance_rescale, 0.0, 1.0)
         self.use_original_formulation = check_bool("use_original_formulation", use_original_formulation)
 
+    def register_to_config(self, **kwargs: Any) -> None:  # type: ignore[override]
+        # ``**unknown`` only exists to turn a misspelt option into a ValueError; keep it out of
+        # the saved config.
+        kwargs.pop("unknown", None)
+        defaults = kwargs.get("_use_default_values")
+        if isinstance(defaults, list):
+            kwargs["_use_default_values"] = [k for k in defaults if k != "unknown"]
+        super().register_to_config(**kwargs)
+
     # ------------------------------------------------------------------ which batches run
     @property
     def num_negatives(self) -> int:

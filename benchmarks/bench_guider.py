@@ -22,7 +22,12 @@ def _time_per_step(pipe: Any, steps: int, repeats: int, **kwargs: Any) -> tuple[
     for _ in range(repeats):
         rows.clear()
         start = time.perf_counter()
-        pipe(num_inference_steps=steps, output="latents", generator=torch.Generator().manual_seed(0), **kwargs)
+        pipe(
+            num_inference_steps=steps,
+            output="latents",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
         times.append((time.perf_counter() - start) / steps)
     hook.remove()
     return statistics.median(times), sum(rows) / steps
@@ -49,13 +54,17 @@ def main() -> None:
     cfg_pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=7.5))
     pn_pipe = build_tiny_sdxl_modular(folder, blocks=add_perp_neg(StableDiffusionXLAutoBlocks()))
     k = args.negatives
-    pn_pipe.update_components(guider=PerpNegGuidance(guidance_scale=7.5, negative_weights=[-1.0] * k))
+    pn_pipe.update_components(
+        guider=PerpNegGuidance(guidance_scale=7.5, negative_weights=[-1.0] * k)
+    )
     negs = dict(negative_prompt="front view", perp_neg_prompts=["back view"] * (k - 1))
     _time_per_step(cfg_pipe, 1, 1, **prompts)  # warm-up
     _time_per_step(pn_pipe, 1, 1, **prompts, **negs)
     t_cfg, r_cfg = _time_per_step(cfg_pipe, args.steps, args.repeats, **prompts)
     t_pn, r_pn = _time_per_step(pn_pipe, args.steps, args.repeats, **prompts, **negs)
-    print(f"tiny SDXL modular pipeline, 4 samples (2 prompts x 2), {args.steps} steps, median of {args.repeats}")
+    print(
+        f"tiny SDXL modular pipeline, 4 samples (2 prompts x 2), {args.steps} steps, median of {args.repeats}"
+    )
     print(f"ClassifierFreeGuidance: {r_cfg:.0f} UNet rows/step, {1e3 * t_cfg:.1f} ms/step")
     print(f"PerpNegGuidance (K={k}): {r_pn:.0f} UNet rows/step, {1e3 * t_pn:.1f} ms/step")
     print(f"ratio PerpNeg/CFG: rows {r_pn / r_cfg:.2f}, time per step {t_pn / t_cfg:.2f}")

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _reference(u: torch.Tensor, c: torch.Tensor, negs: List[torch.Tensor], ws: List[float], s: float):
+def _reference(
+    u: torch.Tensor, c: torch.Tensor, negs: List[torch.Tensor], ws: List[float], s: float
+):
     """The paper's eq. per sample, in float64, one sample at a time."""
     out = []
     for b in range(u.shape[0]):
@@ -54,7 +56,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pipe(tiny_dir: Path, guider: Any, perp_neg: bool = True) -> Any:
     blocks = StableDiffusionXLAutoBlocks()
-    pipe = build_tiny_sdxl_modular(tiny_dir, seed=0, blocks=add_perp_neg(blocks) if perp_neg else blocks)
+    pipe = build_tiny_sdxl_modular(
+        tiny_dir, seed=0, blocks=add_perp_neg(blocks) if perp_neg else blocks
+    )
     pipe.update_components(guider=guider)
     return pipe
 
@@ -76,7 +80,9 @@ def _run(pipe: Any, steps: int = 2, **kwargs: Any) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------- one step
 def test_one_step_equals_the_core_per_sample_at_batch_4() -> None:
     u, c, n0, n1 = _preds(batch=4)  # two prompts x two images
-    guider = PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0, -0.5], perp_neg_weight_scale=0.8)
+    guider = PerpNegGuidance(
+        guidance_scale=5.0, negative_weights=[-1.0, -0.5], perp_neg_weight_scale=0.8
+    )
     guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(500))
     got = guider.forward(c, u, pred_neg_0=n0, pred_neg_1=n1).pred
     ref = _reference(u, c, [n0, n1], [-0.8, -0.4], 5.0)
@@ -111,10 +117,13 @@ def test_prepare_inputs_splits_the_packed_negatives_per_batch() -> None:
     cond, uncond, n0, n1, shared = (torch.full((3, 2), float(i)) for i in range(5))
     g = PerpNegGuidance(negative_weights=[-1.0, -0.5])
     batches = g.prepare_inputs(
-        {"prompt_embeds": (cond, torch.cat([uncond, n0, n1])), "time_ids": (cond, shared),
-         "image_embeds": (None, None)}
+        {
+            "prompt_embeds": (cond, torch.cat([uncond, n0, n1])),
+            "time_ids": (cond, shared),
+            "image_embeds": (None, None),
+        }
     )
-    names = [getattr(b, "__guidance_identifier__") for b in batches]
+    names = [b.__guidance_identifier__ for b in batches]
     assert names == ["pred_cond", "pred_uncond", "pred_neg_0", "pred_neg_1"]
     assert [float(b.prompt_embeds[0, 0]) for b in batches] == [0.0, 1.0, 2.0, 3.0]
     assert [float(b.time_ids[0, 0]) for b in batches] == [0.0, 4.0, 4.0, 4.0]
@@ -138,8 +147,12 @@ def test_outside_start_stop_is_conditional_with_no_negative_batch() -> None:
 def test_sdxl_pipeline_rows_per_step_and_window(tiny_dir: Path) -> None:
     guider = PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0, -0.5], start=0.5)
     out = _run(
-        _pipe(tiny_dir, guider), steps=4, prompt=["a cat", "a dog"], negative_prompt="front view",
-        perp_neg_prompts=["side view"], num_images_per_prompt=2,
+        _pipe(tiny_dir, guider),
+        steps=4,
+        prompt=["a cat", "a dog"],
+        negative_prompt="front view",
+        perp_neg_prompts=["side view"],
+        num_images_per_prompt=2,
     )
     # 4 rows (2 prompts x 2 images) per UNet call; steps 0-1 conditional only, steps 2-3 four calls
     assert out["rows"] == [4, 4] + [4] * 8
@@ -152,7 +165,12 @@ def _unet_inputs(pipe: Any, **kwargs: Any) -> List[Dict[str, torch.Tensor]]:
     calls: List[Dict[str, torch.Tensor]] = []
 
     def hook(module: Any, args: Any, kw: Dict[str, Any]) -> None:
-        calls.append({"prompt": kw["encoder_hidden_states"], "pooled": kw["added_cond_kwargs"]["text_embeds"]})
+        calls.append(
+            {
+                "prompt": kw["encoder_hidden_states"],
+                "pooled": kw["added_cond_kwargs"]["text_embeds"],
+            }
+        )
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -170,7 +188,9 @@ def test_sdxl_negatives_pair_with_their_own_sample(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0]))
     pairs = {"a cat": "front view", "a dog": "side view"}
     single = {p: _unet_inputs(pipe, prompt=p, negative_prompt=n) for p, n in pairs.items()}
-    calls = _unet_inputs(pipe, prompt=list(pairs), negative_prompt=list(pairs.values()), num_images_per_prompt=2)
+    calls = _unet_inputs(
+        pipe, prompt=list(pairs), negative_prompt=list(pairs.values()), num_images_per_prompt=2
+    )
     assert len(calls) == 3  # conditional, unconditional, negative; 4 rows each
     for field in ("prompt", "pooled"):
         seen = []
@@ -187,21 +207,34 @@ def test_sdxl_negatives_pair_with_their_own_sample(tiny_dir: Path) -> None:
 def test_sdxl_two_prompts_match_one_prompt_runs(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0]))
     lat = _latents(2)
-    both = _run(pipe, prompt=["a cat", "a dog"], negative_prompt=["front view", "side view"], latents=lat)
+    both = _run(
+        pipe, prompt=["a cat", "a dog"], negative_prompt=["front view", "side view"], latents=lat
+    )
     assert both["rows"] == [2, 2, 2] * 2
     for j, (p, n) in enumerate([("a cat", "front view"), ("a dog", "side view")]):
         alone = _run(pipe, prompt=p, negative_prompt=n, latents=lat[j : j + 1])
-        torch.testing.assert_close(both["latents"][j : j + 1], alone["latents"], rtol=1e-3, atol=1e-3)
-    swapped = _run(pipe, prompt=["a cat", "a dog"], negative_prompt=["side view", "front view"], latents=lat)
+        torch.testing.assert_close(
+            both["latents"][j : j + 1], alone["latents"], rtol=1e-3, atol=1e-3
+        )
+    swapped = _run(
+        pipe, prompt=["a cat", "a dog"], negative_prompt=["side view", "front view"], latents=lat
+    )
     assert not torch.allclose(swapped["latents"], both["latents"], atol=1e-1)
 
 
 def test_sdxl_weight_zero_is_cfg_bit_for_bit(tiny_dir: Path) -> None:
     lat = _latents(2)
-    cfg = _run(_pipe(tiny_dir, ClassifierFreeGuidance(guidance_scale=5.0), perp_neg=False),
-               prompt=["a cat", "a dog"], latents=lat)
-    ours = _run(_pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[0.0])),
-                prompt=["a cat", "a dog"], negative_prompt="front view", latents=lat)
+    cfg = _run(
+        _pipe(tiny_dir, ClassifierFreeGuidance(guidance_scale=5.0), perp_neg=False),
+        prompt=["a cat", "a dog"],
+        latents=lat,
+    )
+    ours = _run(
+        _pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[0.0])),
+        prompt=["a cat", "a dog"],
+        negative_prompt="front view",
+        latents=lat,
+    )
     assert ours["rows"] == cfg["rows"] == [2, 2] * 2
     assert torch.equal(ours["latents"], cfg["latents"])
 
@@ -217,30 +250,47 @@ def test_sdxl_weight_zero_is_cfg_bit_for_bit(tiny_dir: Path) -> None:
         ({"start": 0.6, "stop": 0.5}, ["start/stop", "0.6/0.5"]),
     ],
 )
-def test_bad_guider_options_are_one_line_value_errors(kwargs: Dict[str, Any], needles: List[str]) -> None:
+def test_bad_guider_options_are_one_line_value_errors(
+    kwargs: Dict[str, Any], needles: List[str]
+) -> None:
     msg = raises_naming(lambda: PerpNegGuidance(**kwargs), *needles)
     assert "\n" not in msg
 
 
 def test_weight_count_must_match_the_negatives(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(negative_weights=[-1.0, -1.0]))
-    raises_naming(lambda: _run(pipe, prompt="a cat", negative_prompt="front view"),
-                  "negative_prompt/perp_neg_prompts", "2 negative weight(s)", "got 1")
+    raises_naming(
+        lambda: _run(pipe, prompt="a cat", negative_prompt="front view"),
+        "negative_prompt/perp_neg_prompts",
+        "2 negative weight(s)",
+        "got 1",
+    )
     raises_naming(lambda: _run(pipe, prompt="a cat"), "2 negative weight(s)", "got 0")
 
 
 def test_missing_pack_step_is_named() -> None:
     g = PerpNegGuidance(negative_weights=[-1.0])
-    raises_naming(lambda: g.prepare_inputs({"prompt_embeds": (torch.zeros(2, 3), torch.zeros(2, 3))}),
-                  "negative_prompt", "add_perp_neg")
-    raises_naming(lambda: g.prepare_inputs({"prompt_embeds": (torch.zeros(2, 3), torch.zeros(5, 3))}),
-                  "prompt_embeds", "5", "4")
+    raises_naming(
+        lambda: g.prepare_inputs({"prompt_embeds": (torch.zeros(2, 3), torch.zeros(2, 3))}),
+        "negative_prompt",
+        "add_perp_neg",
+    )
+    raises_naming(
+        lambda: g.prepare_inputs({"prompt_embeds": (torch.zeros(2, 3), torch.zeros(5, 3))}),
+        "prompt_embeds",
+        "5",
+        "4",
+    )
 
 
 def test_per_prompt_negative_count_is_checked(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(negative_weights=[-1.0]))
-    raises_naming(lambda: _run(pipe, prompt=["a", "b"], negative_prompt=["x", "y", "z"]),
-                  "negative_prompt", "one string per prompt (2)", "3 strings")
+    raises_naming(
+        lambda: _run(pipe, prompt=["a", "b"], negative_prompt=["x", "y", "z"]),
+        "negative_prompt",
+        "one string per prompt (2)",
+        "3 strings",
+    )
 
 
 def test_guider_config_round_trips(tmp_path: Path) -> None:

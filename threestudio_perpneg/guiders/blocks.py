@@ -122,7 +122,9 @@ class PerpNegTextEncoderStep(ModularPipelineBlocks):
         extra = state.get(PROMPTS_KEY)
         if extra is not None:
             if isinstance(extra, str) or not isinstance(extra, (list, tuple)):
-                raise ValueError(f"{PROMPTS_KEY}: expected a list of negative prompts, got {extra!r}")
+                raise ValueError(
+                    f"{PROMPTS_KEY}: expected a list of negative prompts, got {extra!r}"
+                )
             for i, neg in enumerate(extra):
                 run = {name: None for name in given}
                 run["negative_prompt"] = _broadcast(prompt, neg, f"{PROMPTS_KEY}[{i}]")
@@ -146,7 +148,7 @@ class PerpNegTextEncoderStep(ModularPipelineBlocks):
         for run in [{name: None for name in given}, *negatives]:
             for name, value in run.items():
                 state.set(name, value)
-            components, state = self.inner(components, state)
+            components, state = self.inner(components, state)  # type: ignore[operator]
             runs.append({name: state.get(name) for name in neg_names})
         # the pipeline continues with the unconditional run's outputs and the user's inputs
         for name in neg_names:
@@ -191,7 +193,9 @@ class PerpNegPackStep(ModularPipelineBlocks):
             if not isinstance(uncond, torch.Tensor) or not isinstance(now, torch.Tensor):
                 continue
             positive = name[len("negative_") :]
-            index = _row_map(stored["positive"].get(positive), state.get(positive), now, uncond, name)
+            index = _row_map(
+                stored["positive"].get(positive), state.get(positive), now, uncond, name
+            )
             rows = [now] + [neg[name].to(now).index_select(0, index) for neg in stored["negatives"]]
             state.set(name, torch.cat(rows, dim=0))
         return components, state
@@ -212,7 +216,7 @@ def _row_map(
     )
     if traceable:
         enc = pos_encoded.to(pos_now)
-        index = []
+        index: List[int] = []
         for r in range(rows):
             hits = [b for b in range(enc.shape[0]) if torch.equal(enc[b], pos_now[r])]
             if not hits:
@@ -220,7 +224,7 @@ def _row_map(
                 break
             index.append(default[r] if default and default[r] in hits else hits[0])
     else:
-        index = default or []
+        index = list(default or [])
     result = torch.tensor(index, dtype=torch.long, device=now.device)
     if len(index) != rows or not torch.equal(uncond.to(now).index_select(0, result), now):
         raise ValueError(
@@ -240,7 +244,7 @@ def _insert_pack(block: ModularPipelineBlocks) -> bool:
     """Insert the pack step in the innermost sequential block, before the child holding the loop."""
     if not isinstance(block, SequentialPipelineBlocks):
         return False
-    for index, (name, child) in enumerate(list(block.sub_blocks.items())):
+    for index, (_name, child) in enumerate(list(block.sub_blocks.items())):
         if _has_loop(child):
             if _insert_pack(child):
                 return True
@@ -273,7 +277,9 @@ def add_perp_neg(blocks: ModularPipelineBlocks) -> ModularPipelineBlocks:
     ``pipe.update_components(guider=PerpNegGuidance(...))``.
     """
     if not isinstance(blocks, ModularPipelineBlocks):
-        raise ValueError(f"blocks: expected diffusers ModularPipelineBlocks, got {type(blocks).__name__}")
+        raise ValueError(
+            f"blocks: expected diffusers ModularPipelineBlocks, got {type(blocks).__name__}"
+        )
     if not _replace_encoder(blocks):
         raise ValueError(
             f"blocks: expected a text-encoder block reading negative_prompt and writing "

@@ -91,7 +91,7 @@ class PerpNegGuidance(BaseGuidance):
             Whether guidance is applied at all (otherwise the conditional prediction only).
     """
 
-    _input_predictions = ["pred_cond", "pred_uncond"]
+    _input_predictions = ["pred_cond", "pred_uncond"]  # type: ignore[assignment]
 
     @register_to_config
     def __init__(
@@ -119,16 +119,22 @@ class PerpNegGuidance(BaseGuidance):
         start = check_float("start", start, 0.0, 1.0)
         stop = check_float("stop", stop, 0.0, 1.0)
         if not start < 1.0 or stop < start:
-            raise ValueError(f"start/stop: expected 0 <= start < 1 and start <= stop <= 1, got {start}/{stop}")
+            raise ValueError(
+                f"start/stop: expected 0 <= start < 1 and start <= stop <= 1, got {start}/{stop}"
+            )
         self._input_predictions = ["pred_cond", "pred_uncond"] + [
             negative_name(i) for i in range(len(weights))
         ]
         super().__init__(start, stop, check_bool("enabled", enabled))
         self.guidance_scale = check_float("guidance_scale", guidance_scale)
         self.negative_weights = weights
-        self.perp_neg_weight_scale = check_float("perp_neg_weight_scale", perp_neg_weight_scale, lo=0.0)
+        self.perp_neg_weight_scale = check_float(
+            "perp_neg_weight_scale", perp_neg_weight_scale, lo=0.0
+        )
         self.guidance_rescale = check_float("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        self.use_original_formulation = check_bool("use_original_formulation", use_original_formulation)
+        self.use_original_formulation = check_bool(
+            "use_original_formulation", use_original_formulation
+        )
 
     def register_to_config(self, **kwargs: Any) -> None:  # type: ignore[override]
         # ``**unknown`` only exists to turn a misspelt option into a ValueError; keep it out of
@@ -149,7 +155,9 @@ class PerpNegGuidance(BaseGuidance):
         """Indices of the negatives evaluated this step (non-zero λ·w_i, guidance on)."""
         if not self._is_guidance_enabled():
             return []
-        return [i for i, w in enumerate(self.negative_weights) if self.perp_neg_weight_scale * w != 0.0]
+        return [
+            i for i, w in enumerate(self.negative_weights) if self.perp_neg_weight_scale * w != 0.0
+        ]
 
     def _in_window(self) -> bool:
         if self._num_inference_steps is None:
@@ -179,7 +187,7 @@ class PerpNegGuidance(BaseGuidance):
         """{field: (cond, uncond, neg_0, ..., neg_{K-1})} from {field: (cond, packed) or shared}."""
         k = self.num_negatives
         pairs = {key: v for key, v in data.items() if isinstance(v, tuple)}
-        rows = {_rows(v[0]) for v in pairs.values()} - {None}
+        rows = {n for n in (_rows(v[0]) for v in pairs.values()) if n is not None}
         if len(rows) > 1:
             raise ValueError(
                 f"PerpNegGuidance: conditional inputs must share one batch size, got {sorted(rows)}"
@@ -212,19 +220,19 @@ class PerpNegGuidance(BaseGuidance):
             )
         return out
 
-    def _batches(self, split: Dict[str, Tuple[Any, ...]]) -> List["BlockState"]:
+    def _batches(self, split: Dict[str, Tuple[Any, ...]]) -> List[BlockState]:
         slots = [(0, "pred_cond")]
         if self._is_guidance_enabled():
             slots.append((1, "pred_uncond"))
             slots += [(2 + i, negative_name(i)) for i in self.active_negatives()]
         return [self._prepare_batch(split, index, name) for index, name in slots]  # type: ignore[arg-type]
 
-    def prepare_inputs(self, data: Dict[str, Any]) -> List["BlockState"]:
+    def prepare_inputs(self, data: Dict[str, Any]) -> List[BlockState]:  # type: ignore[override]
         return self._batches(self._split(data))
 
     def prepare_inputs_from_block_state(
-        self, data: "BlockState", input_fields: Dict[str, Any]
-    ) -> List["BlockState"]:
+        self, data: BlockState, input_fields: Dict[str, Any]
+    ) -> List[BlockState]:
         values: Dict[str, Any] = {}
         for key, names in input_fields.items():
             if isinstance(names, str):

@@ -11,8 +11,14 @@ import os
 import pathlib
 from typing import Any
 
-from .builders import BOS_TOKEN, EOS_TOKEN, TEXT_ENCODER_CONFIG, VAE_CONFIG, _tokenizer_vocab
-from .builders import write_tokenizer
+from .builders import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    TEXT_ENCODER_CONFIG,
+    VAE_CONFIG,
+    _tokenizer_vocab,
+    write_tokenizer,
+)
 
 __all__ = ["SDXL_UNET_CONFIG", "build_tiny_sdxl_modular"]
 
@@ -37,9 +43,7 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 
-def build_tiny_sdxl_modular(
-    folder: str | os.PathLike, seed: int = 0, blocks: Any = None
-) -> Any:
+def build_tiny_sdxl_modular(folder: str | os.PathLike, seed: int = 0, blocks: Any = None) -> Any:
     """A ``StableDiffusionXLModularPipeline`` of tiny random components (tokenizers in ``folder``).
 
     ``blocks`` defaults to diffusers' ``StableDiffusionXLAutoBlocks()``; the guider is diffusers'
@@ -80,10 +84,11 @@ def build_tiny_sdxl_modular(
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
-    pipe = (StableDiffusionXLAutoBlocks() if blocks is None else blocks).init_pipeline()
+    chosen: Any = StableDiffusionXLAutoBlocks() if blocks is None else blocks
+    pipe = chosen.init_pipeline()
     pipe.update_components(
-        unet=unet.eval(),
-        vae=vae.eval(),
+        unet=unet.eval(),  # type: ignore[attr-defined]
+        vae=vae.eval(),  # type: ignore[attr-defined]
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),

@@ -1,7 +1,7 @@
 """The package layout of docs/architecture.md, checked on the source (``ast``, nothing imported).
 
 * no package module is longer than :data:`MAX_LINES` lines;
-* the pure layers (``common/``, ``core/``, ``engines/``, ``tiny/``) import neither threestudio nor
+* the pure layers (``common/``, ``core/``, ``engines/``, ``tiny/``, ``guiders/``) import neither threestudio nor
   the layers built on them (``adapters/``, ``commands/``, ``eval/``, ``sampler/``), not even inside
   a function;
 * the module-level imports between package modules have no cycle.
@@ -25,6 +25,7 @@ FORBIDDEN: Dict[str, Tuple[str, ...]] = {
     "core": ("threestudio", "adapters", "commands", "eval", "sampler", "engines", "tiny"),
     "engines": ("threestudio", "adapters", "commands", "eval", "sampler"),
     "tiny": ("threestudio", "adapters", "commands", "eval", "sampler"),
+    "guiders": ("threestudio", "adapters", "commands", "eval", "sampler", "engines", "testbed"),
 }
 
 

@@ -95,11 +95,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     guidances = {
         "threestudio SDI": ts.find("stable-diffusion-sdi-guidance")(common),
         "ours": ts.find("perpneg-stable-diffusion-sdi-guidance")(common),
+        # the paper authors' weights: one view negative at the front and back, two at the side
+        "ours (authors)": ts.find("perpneg-stable-diffusion-sdi-guidance")(
+            {**common, "perp_neg_scheme": "authors"}
+        ),
     }
     counters = {"threestudio SDI": RowCounter(guidances["threestudio SDI"].unet)}
     guidances["threestudio SDI"].unet = counters["threestudio SDI"]
-    counters["ours"] = RowCounter(guidances["ours"].engine.unet)
-    guidances["ours"].engine.unet = counters["ours"]
+    for name in ("ours", "ours (authors)"):
+        counters[name] = RowCounter(guidances[name].engine.unet)
+        guidances[name].engine.unet = counters[name]
 
     gen = torch.Generator().manual_seed(args.seed)
     n = args.steps + 1  # the first step of each method is a warm-up

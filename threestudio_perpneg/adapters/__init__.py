@@ -7,11 +7,13 @@ Registered names:
 * ``perpneg-deep-floyd-guidance`` — :class:`~.deepfloyd.PerpNegDeepFloydGuidance`
 * ``perpneg-stable-diffusion-guidance`` — :class:`~.guidance.PerpNegStableDiffusionGuidance`
 * ``perpneg-stable-diffusion-vsd-guidance`` — :class:`~.vsd.PerpNegStableDiffusionVSDGuidance`
+* ``perpneg-stable-diffusion-sdi-guidance`` — :class:`~.sdi.PerpNegStableDiffusionSDIGuidance`
 """
 
 from .deepfloyd import PerpNegDeepFloydGuidance, PerpNegDeepFloydPromptProcessor
 from .guidance import PerpNegStableDiffusionGuidance
 from .prompt_processor import PerpNegPromptProcessor, PerpNegPromptProcessorOutput
+from .sdi import PerpNegStableDiffusionSDIGuidance
 from .vsd import PerpNegStableDiffusionVSDGuidance
 
 __all__ = [
@@ -20,5 +22,6 @@ __all__ = [
     "PerpNegPromptProcessor",
     "PerpNegPromptProcessorOutput",
     "PerpNegStableDiffusionGuidance",
+    "PerpNegStableDiffusionSDIGuidance",
     "PerpNegStableDiffusionVSDGuidance",
 ]

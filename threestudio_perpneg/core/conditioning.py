@@ -125,14 +125,26 @@ class StepConditioning(NamedTuple):
 
     def select(self, sample: int) -> StepConditioning:
         """The conditioning of one sample, as a batch of one."""
-        keep = self.negative_index == sample
+        return self.take(torch.tensor([sample], device=self.negative_index.device))
+
+    def take(self, samples: Tensor) -> StepConditioning:
+        """The conditioning of the samples ``samples`` (distinct indices, ``[K]``), as a batch of K
+        in that order; their negatives keep their row order and are re-indexed into the new batch."""
+        samples = samples.to(device=self.negative_index.device, dtype=torch.long)
+        new_index = torch.full(
+            (self.positive.shape[0],), -1, dtype=torch.long, device=samples.device
+        )
+        new_index[samples] = torch.arange(samples.shape[0], device=samples.device)
+        mapped = new_index[self.negative_index]
+        keep = mapped >= 0
+        pos_samples = samples.to(self.positive.device)
         return StepConditioning(
-            positive=self.positive[sample : sample + 1],
-            uncond=self.uncond[sample : sample + 1],
-            negative=self.negative[keep],
-            negative_index=torch.zeros_like(self.negative_index[keep]),
-            negative_weight=self.negative_weight[keep],
-            view=self.view[sample : sample + 1],
+            positive=self.positive.index_select(0, pos_samples),
+            uncond=self.uncond.index_select(0, pos_samples),
+            negative=self.negative[keep.to(self.negative.device)],
+            negative_index=mapped[keep],
+            negative_weight=self.negative_weight[keep.to(self.negative_weight.device)],
+            view=self.view.index_select(0, samples.to(self.view.device)),
             perp_neg=self.perp_neg,
         )
 

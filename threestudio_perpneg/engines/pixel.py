@@ -203,18 +203,19 @@ class PerpNegIFEngine(PerpNegSDSEngine):
         max_items: int = 4,
         generator: Optional[torch.Generator] = None,
         controls: Optional[PerpNegControls] = None,
+        n_steps: int = 50,
     ) -> Dict[str, Any]:
         """threestudio's guidance_eval images in pixel space, each sample with its own conditioning.
 
         ``noise_pred`` is the scheduler's model output (ε̂, with the learned variance appended for
         a 6-channel UNet).
-        ``cond`` and ``controls`` as in :meth:`~.sd.PerpNegSDSEngine.guidance_eval`.
+        ``cond``, ``controls`` and ``n_steps`` as in :meth:`~.sd.PerpNegSDSEngine.guidance_eval`.
         """
         if self._eval_scheduler is None:
             # A copy: set_timesteps must not touch the training scheduler.
             self._eval_scheduler = type(self.scheduler).from_config(self.scheduler.config)
         sched = self._eval_scheduler
-        sched.set_timesteps(50)
+        sched.set_timesteps(n_steps)
         timesteps = sched.timesteps.to(self.device)
         b = latents_noisy.shape[0]
         bs = min(max_items, b) if max_items > 0 else b

@@ -37,6 +37,7 @@ __all__ = [
     "WEIGHTING_STRATEGIES",
     "GuidedNoise",
     "SDSSettings",
+    "draw_timesteps",
     "effective_scale",
     "load_stable_diffusion",
     "PerpNegSDSEngine",
@@ -284,8 +285,11 @@ class PerpNegSDSEngine:
         max_items: int = 4,
         generator: Optional[torch.Generator] = None,
         controls: Optional[PerpNegControls] = None,
+        n_steps: int = 50,
     ) -> Dict[str, Any]:
         """threestudio's guidance_eval images, each sample denoised with its own conditioning.
+
+        ``n_steps`` DDIM steps span the schedule (threestudio: 50; SDI: its ``n_ddim_steps``).
 
         ``cond`` is the step's conditioning before the controls; ``controls`` (weight scale and
         timestep window) apply at every denoising step, with ``all`` negatives (the expectation of
@@ -296,7 +300,7 @@ class PerpNegSDSEngine:
         if self._eval_scheduler is None:
             self._eval_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         sched = self._eval_scheduler
-        sched.set_timesteps(50)
+        sched.set_timesteps(n_steps)
         timesteps = sched.timesteps.to(self.device)
         b = latents_noisy.shape[0]
         bs = min(max_items, b) if max_items > 0 else b
@@ -378,6 +382,24 @@ def renders_to_latents(
     return rgb_512, engine.encode_images(rgb_512, generator=generator)
 
 
+def draw_timesteps(
+    engine: PerpNegSDSEngine,
+    batch: int,
+    min_step: int,
+    max_step: int,
+    generator: Optional[torch.Generator],
+) -> Tensor:
+    """t ~ U{min_step..max_step}, one per sample (threestudio's ``torch.randint`` draw)."""
+    return torch.randint(
+        min_step,
+        max_step + 1,
+        [batch],
+        dtype=torch.long,
+        device=engine.device,
+        generator=generator,
+    )
+
+
 def draw_timesteps_and_noise(
     engine: PerpNegSDSEngine,
     x: Tensor,
@@ -388,15 +410,7 @@ def draw_timesteps_and_noise(
     noise: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """t ~ U{min_step..max_step} per sample, then ε ~ N(0, I) like ``x``: threestudio's order."""
-    if t is None:
-        t = torch.randint(
-            min_step,
-            max_step + 1,
-            [x.shape[0]],
-            dtype=torch.long,
-            device=engine.device,
-            generator=generator,
-        )
+    t = draw_timesteps(engine, x.shape[0], min_step, max_step, generator) if t is None else t
     t = t.to(engine.device)
     if noise is None:
         noise = _randn(x.shape, x, generator)

@@ -14,34 +14,28 @@ import pytest
 import torch
 
 try:
-    from threestudio_perpneg.guiders import PerpNegGuidance, add_perp_neg
+    from threestudio_perpneg.guiders import PerpNegGuidance
 except ImportError as exc:  # threestudio's pinned stack: diffusers 0.19 has no guiders
     pytest.skip(f"needs diffusers with guiders: {exc}", allow_module_level=True)
 
 from diffusers import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
-from helpers import raises_naming
+from helpers import (
+    PAIRS,
+    assert_batch_matches_one_prompt_runs,
+    assert_negatives_paired,
+    assert_window_rows_and_finite_images,
+    raises_naming,
+    seeded_latents,
+    tiny_guider_pipe,
+)
+from helpers import perp_neg_reference as _reference
 
 from threestudio_perpneg.core.guidance import perp_neg_guidance
 from threestudio_perpneg.tiny.modular import build_tiny_sdxl_modular
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _reference(
-    u: torch.Tensor, c: torch.Tensor, negs: List[torch.Tensor], ws: List[float], s: float
-):
-    """The paper's eq. per sample, in float64, one sample at a time."""
-    out = []
-    for b in range(u.shape[0]):
-        ub, pos = u[b].double(), c[b].double() - u[b].double()
-        total = pos.clone()
-        for n, w in zip(negs, ws):
-            d = n[b].double() - ub
-            total += w * (d - (d * pos).sum() / (pos * pos).sum() * pos)
-        out.append(ub + s * total)
-    return torch.stack(out).float()
 
 
 def _preds(batch: int = 4, k: int = 2, seed: int = 0) -> List[torch.Tensor]:
@@ -55,16 +49,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pipe(tiny_dir: Path, guider: Any, perp_neg: bool = True) -> Any:
-    blocks = StableDiffusionXLAutoBlocks()
-    pipe = build_tiny_sdxl_modular(
-        tiny_dir, seed=0, blocks=add_perp_neg(blocks) if perp_neg else blocks
+    return tiny_guider_pipe(
+        build_tiny_sdxl_modular, StableDiffusionXLAutoBlocks(), tiny_dir, guider, perp_neg
     )
-    pipe.update_components(guider=guider)
-    return pipe
-
-
-def _latents(batch: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
 def _run(pipe: Any, steps: int = 2, **kwargs: Any) -> Dict[str, Any]:
@@ -144,20 +131,10 @@ def test_outside_start_stop_is_conditional_with_no_negative_batch() -> None:
 
 
 # ---------------------------------------------------------------------------- pipeline
-def test_sdxl_pipeline_rows_per_step_and_window(tiny_dir: Path) -> None:
-    guider = PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0, -0.5], start=0.5)
-    out = _run(
-        _pipe(tiny_dir, guider),
-        steps=4,
-        prompt=["a cat", "a dog"],
-        negative_prompt="front view",
-        perp_neg_prompts=["side view"],
-        num_images_per_prompt=2,
+def test_sdxl_pipeline_rows_per_step_window_and_finite_images(tiny_dir: Path) -> None:
+    assert_window_rows_and_finite_images(
+        lambda guider, steps, **kw: _run(_pipe(tiny_dir, guider), steps=steps, **kw)
     )
-    # 4 rows (2 prompts x 2 images) per UNet call; steps 0-1 conditional only, steps 2-3 four calls
-    assert out["rows"] == [4, 4] + [4] * 8
-    assert len(out["images"]) == 4
-    assert torch.isfinite(out["latents"]).all()
 
 
 def _unet_inputs(pipe: Any, **kwargs: Any) -> List[Dict[str, torch.Tensor]]:
@@ -180,50 +157,22 @@ def _unet_inputs(pipe: Any, **kwargs: Any) -> List[Dict[str, torch.Tensor]]:
     return calls
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
 def test_sdxl_negatives_pair_with_their_own_sample(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0]))
-    pairs = {"a cat": "front view", "a dog": "side view"}
-    single = {p: _unet_inputs(pipe, prompt=p, negative_prompt=n) for p, n in pairs.items()}
+    single = {p: _unet_inputs(pipe, prompt=p, negative_prompt=n) for p, n in PAIRS.items()}
     calls = _unet_inputs(
-        pipe, prompt=list(pairs), negative_prompt=list(pairs.values()), num_images_per_prompt=2
+        pipe, prompt=list(PAIRS), negative_prompt=list(PAIRS.values()), num_images_per_prompt=2
     )
-    assert len(calls) == 3  # conditional, unconditional, negative; 4 rows each
-    for field in ("prompt", "pooled"):
-        seen = []
-        for r in range(4):
-            # whichever prompt the pipeline put in row r of this field, its own negative is there too
-            # (batched and single-prompt CLIP encodings agree to rounding, not bit for bit)
-            owner = [p for p in pairs if _close(calls[0][field][r], single[p][0][field][0])]
-            assert len(owner) == 1
-            assert _close(calls[2][field][r], single[owner[0]][2][field][0])
-            seen.append(owner[0])
-        assert sorted(seen) == ["a cat", "a cat", "a dog", "a dog"]
+    assert_negatives_paired(calls, single, ("prompt", "pooled"))
 
 
 def test_sdxl_two_prompts_match_one_prompt_runs(tiny_dir: Path) -> None:
     pipe = _pipe(tiny_dir, PerpNegGuidance(guidance_scale=5.0, negative_weights=[-1.0]))
-    lat = _latents(2)
-    both = _run(
-        pipe, prompt=["a cat", "a dog"], negative_prompt=["front view", "side view"], latents=lat
-    )
-    assert both["rows"] == [2, 2, 2] * 2
-    for j, (p, n) in enumerate([("a cat", "front view"), ("a dog", "side view")]):
-        alone = _run(pipe, prompt=p, negative_prompt=n, latents=lat[j : j + 1])
-        torch.testing.assert_close(
-            both["latents"][j : j + 1], alone["latents"], rtol=1e-3, atol=1e-3
-        )
-    swapped = _run(
-        pipe, prompt=["a cat", "a dog"], negative_prompt=["side view", "front view"], latents=lat
-    )
-    assert not torch.allclose(swapped["latents"], both["latents"], atol=1e-1)
+    assert_batch_matches_one_prompt_runs(lambda **kw: _run(pipe, **kw), seeded_latents(2), 1e-1)
 
 
 def test_sdxl_weight_zero_is_cfg_bit_for_bit(tiny_dir: Path) -> None:
-    lat = _latents(2)
+    lat = seeded_latents(2)
     cfg = _run(
         _pipe(tiny_dir, ClassifierFreeGuidance(guidance_scale=5.0), perp_neg=False),
         prompt=["a cat", "a dog"],

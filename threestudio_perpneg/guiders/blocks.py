@@ -5,12 +5,14 @@ input (``prompt_embeds``/``negative_prompt_embeds``, ...). Perp-Neg needs a thir
 
 * :class:`PerpNegTextEncoderStep` wraps the pipeline's own text-encoder block: it runs it once with
   no negative prompt (the pipeline's unconditional: the empty prompt, or zeros where the pipeline's
-  ``force_zeros_for_empty_prompt`` says so, exactly what CFG uses) and once per negative, keeping
-  the ``negative_*`` outputs of each run in ``perp_neg_negatives``;
-* :class:`PerpNegPackStep`, placed right before the denoise loop (after the pipeline has repeated
-  every embedding for ``num_images_per_prompt``), repeats each negative the same way and packs it
-  under the unconditional rows, ``negative_prompt_embeds = [uncond; neg_1; ...; neg_K]``, which the
-  guider splits back per batch. Each negative row stays with its own sample.
+  ``force_zeros_for_empty_prompt`` says so, exactly what CFG uses; where the block writes no
+  unconditional embeddings without a negative prompt, as SD3's does, it is run with ``""``) and
+  once per negative, keeping the ``negative_*`` outputs of each run in ``perp_neg_negatives``;
+* :class:`PerpNegPackStep`, placed right before each denoise loop (after the pipeline has repeated
+  every embedding for ``num_images_per_prompt``, wherever it does so), repeats each negative the
+  same way and packs it under the unconditional rows,
+  ``negative_prompt_embeds = [uncond; neg_1; ...; neg_K]``, which the guider splits back per batch.
+  Each negative row stays with its own sample.
 
 :func:`add_perp_neg` puts both into a pipeline's blocks.
 """
@@ -144,12 +146,22 @@ class PerpNegTextEncoderStep(ModularPipelineBlocks):
         out_names = [p.name for p in self.inner.intermediate_outputs if p.name]
         neg_names = [n for n in out_names if n.startswith("negative_")]
 
-        runs: List[Dict[str, Any]] = []
-        for run in [{name: None for name in given}, *negatives]:
+        def encode(run: Dict[str, Any]) -> Dict[str, Any]:
+            nonlocal components, state
             for name, value in run.items():
                 state.set(name, value)
             components, state = self.inner(components, state)  # type: ignore[operator]
-            runs.append({name: state.get(name) for name in neg_names})
+            return {name: state.get(name) for name in neg_names}
+
+        runs = [encode({name: None for name in given})]
+        if negatives and not any(isinstance(v, torch.Tensor) for v in runs[0].values()):
+            # This encoder writes no unconditional embeddings without a negative prompt (SD3's in
+            # diffusers 0.42, whose denoise step then runs no CFG at all); the unconditional is
+            # then the empty prompt encoded, as in diffusers' standard SD3 pipeline.
+            empty = {name: None for name in given}
+            empty["negative_prompt"] = _broadcast(state.get("prompt"), "", "negative_prompt")
+            runs = [encode(empty)]
+        runs += [encode(run) for run in negatives]
         # the pipeline continues with the unconditional run's outputs and the user's inputs
         for name in neg_names:
             state.set(name, runs[0][name])
@@ -241,16 +253,28 @@ def _has_loop(block: ModularPipelineBlocks) -> bool:
 
 
 def _insert_pack(block: ModularPipelineBlocks) -> bool:
-    """Insert the pack step in the innermost sequential block, before the child holding the loop."""
-    if not isinstance(block, SequentialPipelineBlocks):
-        return False
-    for index, (_name, child) in enumerate(list(block.sub_blocks.items())):
-        if _has_loop(child):
-            if _insert_pack(child):
-                return True
-            block.sub_blocks.insert("perp_neg_pack", PerpNegPackStep(), index)
-            return True
-    return False
+    """Put the pack step right before every denoise loop under ``block``; False if there is none.
+
+    Right before the loop, because the steps that repeat the embeddings for
+    ``num_images_per_prompt`` may sit anywhere above it (SDXL: before its conditional denoise
+    block; SD3: inside each branch of it). In a sequential block the step is inserted before the
+    loop; a loop that is a branch of a conditional block becomes a two-block sequence.
+    """
+    inserted = False
+    for name, child in list(block.sub_blocks.items()):
+        if isinstance(child, LoopSequentialPipelineBlocks):
+            if isinstance(block, SequentialPipelineBlocks):
+                block.sub_blocks.insert(
+                    f"perp_neg_pack_{name}", PerpNegPackStep(), list(block.sub_blocks).index(name)
+                )
+            else:
+                block.sub_blocks[name] = SequentialPipelineBlocks.from_blocks_dict(
+                    {"perp_neg_pack": PerpNegPackStep(), name: child}
+                )
+            inserted = True
+        elif _has_loop(child):
+            inserted = _insert_pack(child) or inserted
+    return inserted
 
 
 def _replace_encoder(block: ModularPipelineBlocks) -> bool:

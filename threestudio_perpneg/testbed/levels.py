@@ -79,9 +79,12 @@ LEVEL_NAMES: Tuple[str, ...] = tuple(lv.name for lv in LEVELS)
 #: The sweep's UNet: cross attention on the text at 8 px and 4 px (and the mid block). The
 #: attempt-5 prior attended only at 4 px.
 SWEEP_PRIOR = PriorConfig(resolution=16, block_out_channels=(32, 48, 64), cross_attention_levels=2)
-#: Optimiser steps of the shared base and of each level's continuation (batch 32).
+#: Optimiser steps of the shared base and of each level's continuation (batch 32). The
+#: continuation's weight average decays faster (0.995: a window of about 200 steps), so the
+#: saved level is the continued model, not a blend with the base.
 BASE_STEPS = 4000
-LEVEL_STEPS = 2000
+LEVEL_STEPS = 1000
+LEVEL_EMA_DECAY = 0.995
 
 _COMMON: Dict[str, Any] = {
     "resolution": 16,
@@ -111,7 +114,9 @@ def base_recipe(steps: int = BASE_STEPS, **overrides: Any) -> Any:
 def level_recipe(steps: int = LEVEL_STEPS, **overrides: Any) -> Any:
     from .train import TrainConfig
 
-    return TrainConfig(**{"steps": steps, "warmup_steps": 100, **overrides})
+    return TrainConfig(
+        **{"steps": steps, "warmup_steps": 100, "ema_decay": LEVEL_EMA_DECAY, **overrides}
+    )
 
 
 def find_level(name: str) -> Level:

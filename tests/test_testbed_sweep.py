@@ -1,0 +1,191 @@
+"""testbed sweep: plumbing at tiny sizes, the pre-declared hypothesis, 2D SDS and the projection.
+
+Effect sizes belong to the sweep's output, never to a test: these check that every key the issue
+names is written, that counts add up, that the hypothesis is evaluated exactly as declared, and
+that the 2D SDS and projection pieces compute what they say.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("matplotlib")
+
+from threestudio_perpneg.testbed import sweep as S  # noqa: E402
+from threestudio_perpneg.testbed.prior import load_prior_path  # noqa: E402
+
+TINY = S.SweepConfig(
+    seeds=1,
+    seeds_middle=1,
+    steps3d=1,
+    n2d=2,
+    ddim_steps=2,
+    n_sds2d=1,
+    sds2d_steps=1,
+    n_projection=2,
+)
+
+
+def _row(method, batch, scheme, janus, front, seeds=16, controls=None):
+    return {
+        "method": method,
+        "batch": batch,
+        "scheme": scheme,
+        "controls": controls or {},
+        "seeds": seeds,
+        "janus": janus,
+        "front_kept": front,
+    }
+
+
+def test_hypothesis_is_evaluated_as_declared() -> None:
+    level = {
+        "name": "a",
+        "table3d": [
+            _row("vanilla", 4, None, 10, 14),  # 0.625 Janus, 0.875 front
+            _row("ours", 4, "threestudio", 5, 13),  # -0.3125 Janus, front -0.0625: holds
+            _row("ours", 4, "authors", 2, 9),  # front -0.3125: fails
+            _row("ours", 4, "threestudio", 0, 16, controls={"perp_neg_sampling": "one"}),
+        ],
+    }
+    weak = {
+        "name": "b",
+        "table3d": [_row("vanilla", 4, None, 7, 16), _row("ours", 4, "threestudio", 0, 16)],
+    }
+    small = {
+        "name": "c",
+        "table3d": [_row("vanilla", 4, None, 10, 16), _row("ours", 4, "authors", 6, 16)],
+    }
+    out = S.evaluate_hypothesis([level, weak, small])
+    assert out["holds"] is True and out["levels"] == ["a"]
+    by = {(d["level"], d["scheme"]): d["holds"] for d in out["detail"]}
+    assert by == {
+        ("a", "threestudio"): True,
+        ("a", "authors"): False,
+        ("b", "threestudio"): False,  # vanilla Janus 7/16 < 0.5
+        ("c", "authors"): False,  # lowered by 0.25 only
+    }
+    assert S.evaluate_hypothesis([weak, small])["holds"] is False
+
+
+def _priors(tmp_path: Path, names) -> Path:
+    folder = tmp_path / "priors"
+    folder.mkdir()
+    for name in names:
+        (folder / name).symlink_to(load_prior_path(), target_is_directory=True)
+    return folder
+
+
+def test_sweep_writes_every_key_the_issue_names(tmp_path: Path) -> None:
+    priors = _priors(tmp_path, ["p15", "p35"])
+    lines: list = []
+    S.run_sweep(
+        tmp_path / "s",
+        TINY,
+        levels=["p15", "p35"],
+        priors=priors,
+        progress=False,
+        echo=lines.append,
+    )
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [lv["name"] for lv in data["levels"]] == ["p15", "p35"]
+    for lv in data["levels"]:
+        assert {
+            "name",
+            "p_back_given_back_phrase",
+            "p_side_given_side_phrase",
+            "prior",
+            "bias",
+            "sanity",
+            "table2d",
+            "table3d",
+            "projection",
+        } <= set(lv)
+        assert 0 < lv["p_back_given_back_phrase"] < lv["p_side_given_side_phrase"] < 1
+        for key in ("sds2d_front", "front_cameras_3d"):
+            ok, n = lv["sanity"][key]
+            assert 0 <= ok <= n == 1
+        assert {r["t"] for r in lv["projection"]} == {200, 500, 800}
+        assert all(r["perp_over_pos"] >= 0 for r in lv["projection"])
+        labels = [r["label"] for r in lv["table3d"]]
+        assert labels[:5] == [m.label for m in S.SWEEP_METHODS]
+        for row in lv["table3d"]:
+            lo, hi = row["janus_ci95"]
+            assert 0.0 <= lo <= row["janus"] / row["seeds"] <= hi <= 1.0
+        assert (tmp_path / "s" / f"rings_{lv['name']}.png").stat().st_size > 0
+    # A middle level (p35 of p15..p80) also has the built-in and batch-1 rows.
+    assert {r["method"] for r in data["levels"][0]["table3d"][5:]} == {
+        "threestudio-builtin",
+        "vanilla",
+        "ours",
+    }
+    assert {"holds", "levels", "text"} <= set(data["hypothesis"])
+    assert {"clean_view_accuracy", "hard_negative_none_rate", "n_clean", "n_hard"} <= set(
+        data["classifier"]
+    )
+    assert data["settings"]["sweep"]["seeds"] == 1
+    for pic in ("sweep.png", "sweep2d.png"):
+        assert (tmp_path / "s" / pic).stat().st_size > 0
+    assert any("hypothesis" in line for line in lines)
+
+
+def test_missing_level_prior_is_one_line(tmp_path: Path, capsys) -> None:
+    from threestudio_perpneg.testbed.cli import main
+
+    priors = _priors(tmp_path, ["p15"])
+    code = main(
+        ["sweep", "--out", str(tmp_path / "o"), "--priors", str(priors), "--levels", "p15", "p80"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--priors: no prior for level 'p80'" in err[0] and "train-levels" in err[0]
+    assert not (tmp_path / "o").exists()  # fails before measuring anything
+    code = main(["sweep", "--out", str(tmp_path / "o"), "--levels", "p99"])
+    assert code == 2 and "unknown level 'p99'" in capsys.readouterr().err
+
+
+class _Reads:
+    """A stand-in classifier that reads every image as the given view (used only for counting)."""
+
+    def __init__(self, view: str) -> None:
+        self.view = view
+
+    def classify(self, images):
+        n = images.shape[0]
+        return type("C", (), {"views": [self.view] * n, "identities": ["troll"] * n})()
+
+
+def test_sds2d_moves_the_free_image_towards_the_prior_and_counts(tmp_path: Path) -> None:
+    from threestudio_perpneg.core.text import text_embeddings
+    from threestudio_perpneg.engines.pixel import PerpNegIFEngine, load_deepfloyd_if
+    from threestudio_perpneg.testbed.sds2d import SDS2DConfig, run_sds2d, sds2d_success
+
+    prior = load_prior_path()
+    engine = PerpNegIFEngine(*load_deepfloyd_if(prior))
+    emb = text_embeddings(prior, ["a cartoon troll head", ""], None, use_cache=False)
+    cfg = SDS2DConfig(steps=3)
+    a = run_sds2d(engine, emb["a cartoon troll head"], emb[""], [0, 1], _Reads("front"), cfg)
+    assert a.images.shape == (2, 3, 16, 16) and bool(((a.images >= 0) & (a.images <= 1)).all())
+    assert not torch.allclose(a.images, torch.full_like(a.images, 0.5))  # moved from grey
+    alone = run_sds2d(engine, emb["a cartoon troll head"], emb[""], [1], _Reads("front"), cfg)
+    assert torch.allclose(alone.images[0], a.images[1], atol=1e-4)  # seeds independent
+    assert sds2d_success(a, "front", "troll") == [2, 2]
+    assert sds2d_success(a, "back") == [0, 2]
+    with pytest.raises(ValueError, match="min_step_percent/max_step_percent"):
+        SDS2DConfig(min_step_percent=0.7, max_step_percent=0.6)
+
+
+def test_projection_parts_agree_with_each_other() -> None:
+    """‖⊥(a, b)‖ / ‖b‖ = ‖a‖ / ‖b‖ · sin∠(a, b) for one image (the parts are computed apart)."""
+    from threestudio_perpneg.testbed.projection import projection_ratios
+
+    rows = projection_ratios(load_prior_path(), "troll", timesteps=(500,), n=1)
+    assert len(rows) == 1 and rows[0]["t"] == 500 and rows[0]["n"] == 1
+    r = rows[0]
+    expected = r["front_over_pos"] * (1 - r["cos_front_pos"] ** 2) ** 0.5
+    assert r["perp_over_pos"] == pytest.approx(expected, abs=0.005)

@@ -187,6 +187,21 @@ def _add_sweep_parsers(sub: Any) -> None:
     sw.add_argument(
         "--classifier", default=None, help="classifier folder (default: the shipped one)"
     )
+    for flag, key in (
+        ("--seeds", "3D objects per batch-4 row (full 16)"),
+        ("--seeds-middle", "objects per middle-level extra row (full 8)"),
+        ("--steps3d", "SDS steps per 3D object (full 600)"),
+        ("--n2d", "samples per 2D DDIM cell (full 64)"),
+        ("--n-sds2d", "free images per 2D SDS cell (full 16)"),
+        ("--sds2d-steps", "2D SDS steps (full 600)"),
+    ):
+        sw.add_argument(flag, type=positive_int, default=None, help=key)
+    sw.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="levels measured at once, one process and one thread each (default 1)",
+    )
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -212,7 +227,12 @@ def _train_levels(ns: argparse.Namespace) -> None:
 def _sweep(ns: argparse.Namespace) -> None:
     from .sweep import SweepConfig, run_sweep
 
-    config = (SweepConfig.quick if ns.quick else SweepConfig)(first_seed=ns.first_seed)
+    sizes = {
+        k: getattr(ns, k)
+        for k in ("seeds", "seeds_middle", "steps3d", "n2d", "n_sds2d", "sds2d_steps")
+        if getattr(ns, k) is not None
+    }
+    config = (SweepConfig.quick if ns.quick else SweepConfig)(first_seed=ns.first_seed, **sizes)
     try:
         run_sweep(
             ns.out,
@@ -221,6 +241,7 @@ def _sweep(ns: argparse.Namespace) -> None:
             priors=ns.priors,
             classifier_path=ns.classifier,
             progress=not ns.quiet,
+            jobs=ns.jobs,
         )
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise TestbedError(str(err)) from None

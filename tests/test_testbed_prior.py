@@ -123,9 +123,9 @@ def test_unfrozen_view_rows_start_at_the_separation_and_then_learn(tmp_path):
     """The default recipe trains the view-word rows: they leave their scaled initial values."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+    from threestudio_perpneg.testbed.train import TrainConfig, shipped_dataset_config, train_prior
 
-    dataset = default_dataset_config(view_word_separation=0.3)
+    dataset = shipped_dataset_config(view_word_separation=0.3)
     prior = PriorConfig(block_out_channels=(16, 32), text_hidden_size=32, text_layers=1)
     # No weight average (decay 0 from the first step): the saved weights are the trained ones.
     recipe = TrainConfig(
@@ -147,10 +147,10 @@ def test_unfrozen_view_rows_start_at_the_separation_and_then_learn(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two steps of the real training loop on a tiny architecture (plumbing, not quality)."""
-    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+    from threestudio_perpneg.testbed.train import TrainConfig, shipped_dataset_config, train_prior
 
     out = tmp_path_factory.mktemp("prior") / "p"
-    dataset = default_dataset_config(view_word_separation=0.3)
+    dataset = shipped_dataset_config(view_word_separation=0.3)
     prior = PriorConfig(block_out_channels=(16, 32), text_hidden_size=32, text_layers=1)
     recipe = TrainConfig(
         steps=2,
@@ -208,7 +208,7 @@ def test_training_writes_a_loadable_diffusers_folder(trained):
 def test_training_continues_from_a_prior_folder(trained, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+    from threestudio_perpneg.testbed.train import TrainConfig, shipped_dataset_config, train_prior
 
     out, dataset, prior, recipe, _ = trained
     more = TrainConfig(
@@ -228,7 +228,7 @@ def test_training_continues_from_a_prior_folder(trained, tmp_path):
     w1 = CLIPTextModel.from_pretrained(tmp_path / "c", subfolder="text_encoder")
     # Separation kept (up to the rounding of the weight average of a constant row).
     torch.testing.assert_close(w1.get_input_embeddings().weight[ids], w0[ids], rtol=1e-6, atol=1e-7)
-    other = default_dataset_config(view_word_separation=0.9)
+    other = shipped_dataset_config(view_word_separation=0.9)
     with pytest.raises(ValueError, match="init_from: .* another dataset config"):
         train_prior(tmp_path / "d", other, prior, more, progress=False, init_from=out)
 
@@ -361,11 +361,11 @@ def test_bias_command_appends_calibration_attempts(trained, tmp_path, capsys):
 
 def test_default_recipe_and_knobs_are_the_shipped_priors():
     """``testbed train --out DIR`` with no options retrains the shipped prior's recipe and data."""
-    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config
+    from threestudio_perpneg.testbed.train import TrainConfig, shipped_dataset_config
 
     saved = json.loads((_shipped() / "testbed.json").read_text())
     train = {k: v for k, v in saved["train"].items() if k != "init_from"}
     assert saved["train"]["init_from"] is None  # trained from scratch, not continued
     assert TrainConfig.from_dict(train) == TrainConfig()
-    assert saved["dataset"] == default_dataset_config().to_dict()
+    assert saved["dataset"] == shipped_dataset_config().to_dict()
     assert saved["prior"] == PriorConfig().to_dict()

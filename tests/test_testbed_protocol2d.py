@@ -104,12 +104,12 @@ def test_measure_prior_bias_counts_what_the_classifier_says(tmp_path):
     """A tiny 2-step prior: the counts must match the classifier run on the returned samples."""
     from threestudio_perpneg.testbed.prior import PriorConfig
     from threestudio_perpneg.testbed.protocol2d import measure_prior_bias
-    from threestudio_perpneg.testbed.train import TrainConfig, default_dataset_config, train_prior
+    from threestudio_perpneg.testbed.train import TrainConfig, shipped_dataset_config, train_prior
 
     out = tmp_path / "p"
     prior = PriorConfig(block_out_channels=(16, 32), text_hidden_size=32, text_layers=1)
     recipe = TrainConfig(steps=1, batch_size=2, pool_size=8, warmup_steps=0, log_every=1, threads=1)
-    train_prior(out, default_dataset_config(), prior, recipe, progress=False)
+    train_prior(out, shipped_dataset_config(), prior, recipe, progress=False)
     clf = _BrightnessClassifier()
     cells, samples = measure_prior_bias(out, clf, n=6, steps=2, batch_size=4)
     assert [c.key for c in cells] == [c[0] for c in CELLS]

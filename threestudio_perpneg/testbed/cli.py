@@ -4,7 +4,7 @@ Subcommands:
 
 * ``train --out DIR``: train the prior (diffusers folder + ``testbed.json``, ``metrics.json``,
   ``loss.png``); ``--dataset-config FILE`` reads the data knobs (a JSON object of
-  :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig` fields) over the shipped defaults;
+  :class:`~threestudio_perpneg.testbed.dataset.DatasetConfig` fields) over the shipped prior's knobs (``shipped_dataset_config``);
   ``--init-from DIR`` continues from a prior folder's weights.
 * ``train-classifier --out DIR``: train the view/identity classifier.
 * ``bias --out DIR``: the prior-bias cells (front fraction without view words, back / side
@@ -71,7 +71,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--dataset-config",
         type=Path,
         default=None,
-        help="JSON object of DatasetConfig knobs applied over the shipped defaults",
+        help="JSON object of DatasetConfig knobs applied over the shipped prior's knobs",
     )
     train.add_argument(
         "--init-from",
@@ -308,7 +308,7 @@ def _read_knobs(path: Optional[Path]) -> dict:
 
 
 def _train(ns: argparse.Namespace) -> None:
-    from .train import TrainConfig, default_dataset_config, train_prior
+    from .train import TrainConfig, shipped_dataset_config, train_prior
 
     knobs = _read_knobs(ns.dataset_config)
     overrides: dict[str, Any] = {
@@ -322,7 +322,7 @@ def _train(ns: argparse.Namespace) -> None:
         if v is not None
     }
     try:
-        dataset = default_dataset_config(**knobs)
+        dataset = shipped_dataset_config(**knobs)
         recipe = TrainConfig(**overrides)
     except (TypeError, ValueError) as err:
         raise TestbedError(f"--dataset-config: {err}") from None

@@ -115,7 +115,12 @@ def level_recipe(steps: int = LEVEL_STEPS, **overrides: Any) -> Any:
     from .train import TrainConfig
 
     return TrainConfig(
-        **{"steps": steps, "warmup_steps": 100, "ema_decay": LEVEL_EMA_DECAY, **overrides}
+        **{
+            "steps": steps,
+            "warmup_steps": 100,
+            "ema_decay": LEVEL_EMA_DECAY,
+            **overrides,
+        }
     )
 
 

@@ -37,7 +37,7 @@ from .prior import (
     word_merges,
 )
 
-__all__ = ["TrainConfig", "default_dataset_config", "train_prior", "plot_loss"]
+__all__ = ["TrainConfig", "shipped_dataset_config", "train_prior", "plot_loss"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,12 @@ class TrainConfig:
         return cls(**dict(data))
 
 
-def default_dataset_config(**overrides: Any) -> DatasetConfig:
-    """The shipped prior's data knobs: web-like view statistics at the prior's 16 px.
+def shipped_dataset_config(**overrides: Any) -> DatasetConfig:
+    """The shipped prior's data knobs (attempt 5, ``assets/prior``), with ``overrides`` on top.
+
+    Not the generic defaults of :class:`DatasetConfig` (32 px, one phrase matrix for every
+    identity): this is one recipe, named for what it is, and ``testbed train`` starts from it.
+    The view-knowledge sweep's priors have their own knobs (:mod:`.levels`).
 
     70/20/10 front/side/back renders, a view phrase in 30 % of the captions, view words pulled
     together to half their initial spread in the text encoder, texture jitter 0.3. How often the
@@ -228,7 +232,7 @@ def train_prior(
 
     Args:
         out: target folder (written atomically: built in a temporary sibling, then renamed).
-        dataset: data knobs (default :func:`default_dataset_config`).
+        dataset: data knobs (default :func:`shipped_dataset_config`, the shipped prior's).
         prior: architecture (default :class:`PriorConfig` at the dataset's resolution).
         recipe: training recipe (default :class:`TrainConfig`).
         overwrite: replace a non-empty ``out``.
@@ -247,7 +251,7 @@ def train_prior(
     """
     from ..tiny.builders import _is_occupied
 
-    dataset = dataset or default_dataset_config()
+    dataset = dataset or shipped_dataset_config()
     prior = prior or PriorConfig(resolution=dataset.resolution)
     recipe = recipe or TrainConfig()
     if prior.resolution != dataset.resolution:

@@ -3,7 +3,7 @@
 * no package module is longer than :data:`MAX_LINES` lines;
 * the pure layers (``common/``, ``core/``, ``engines/``, ``tiny/``, ``guiders/``) import neither threestudio nor
   the layers built on them (``adapters/``, ``commands/``, ``eval/``, ``sampler/``), not even inside
-  a function;
+  a function; ``eval/`` imports neither threestudio, ``adapters/`` nor ``testbed/`` (built on it);
 * the module-level imports between package modules have no cycle.
 """
 
@@ -26,6 +26,9 @@ FORBIDDEN: Dict[str, Tuple[str, ...]] = {
     "engines": ("threestudio", "adapters", "commands", "eval", "sampler"),
     "tiny": ("threestudio", "adapters", "commands", "eval", "sampler"),
     "guiders": ("threestudio", "adapters", "commands", "eval", "sampler", "engines", "testbed"),
+    # testbed/ builds on eval/ (stats, Janus flags); the testbed's classifier reaches the
+    # evaluators through eval.classifier.register_view_classifier (the package root registers it).
+    "eval": ("threestudio", "adapters", "testbed"),
 }
 
 
@@ -130,6 +133,18 @@ def test_pure_layers_import_nothing_above_them(layer: str) -> None:
                 if any(t == prefix or t.startswith(prefix + ".") for t in full):
                     bad.append(f"{path.relative_to(ROOT.parent)}:{line} imports {target}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_forbidden_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
+    # guards the layer rules against a walk that skips lazy imports
+    path = tmp_path / "cli.py"
+    path.write_text(
+        "def f():\n    if True:\n        from ...testbed.classifier import REJECT\n",
+        encoding="utf-8",
+    )
+    seen = set(_imports(f"{PACKAGE}.eval.eval2d.cli", path, module_level=False))
+    assert (f"{PACKAGE}.testbed.classifier", "REJECT", 3) in seen
+    assert not set(_imports(f"{PACKAGE}.eval.eval2d.cli", path, module_level=True))
 
 
 def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:

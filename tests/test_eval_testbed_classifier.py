@@ -160,3 +160,20 @@ def test_eval3d_bad_classifier_values_exit_2(argv, needles, tmp_path, capsys):
 
 def test_shipped_classifier_folder_is_the_default():
     assert load_view_classifier("testbed").name == f"testbed:{classifier_path()}"
+
+
+def test_the_reject_label_eval_uses_is_the_testbed_classifiers():
+    # eval/ names the reject label from core/ (it never imports testbed/): the two must agree.
+    from threestudio_perpneg.core.views import REJECT
+    from threestudio_perpneg.testbed.classifier import REJECT as TESTBED_REJECT
+
+    assert REJECT == TESTBED_REJECT == TESTBED_LABELS[-1]
+    assert tuple(load_classifier().labels) == ("front", "side", "back", REJECT)
+
+
+def test_only_non_clip_kinds_can_be_registered():
+    from threestudio_perpneg.eval.classifier import register_view_classifier
+
+    for kind in ("clip", "cnn"):
+        with pytest.raises(ValueError, match=f"^classifier: cannot register '{kind}'"):
+            register_view_classifier(kind, lambda path: None)

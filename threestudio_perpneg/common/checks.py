@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Iterable, List, Optional, Sequence, Type
+from typing import Any, Iterable, List, Literal, Optional, Sequence, Type
 
 __all__ = [
     "MAX_SEEDS",
@@ -24,6 +24,7 @@ __all__ = [
     "check_sequence",
     "check_text",
     "parse_seed_text",
+    "parse_seeds",
     "slug",
     "unique_slugs",
 ]
@@ -222,6 +223,50 @@ def check_seeds(
                 raise error(f"{key}: seed {s} given twice")
             seen.add(s)
     return seeds
+
+
+def parse_seeds(
+    value: Any,
+    key: str = "seeds",
+    *,
+    forms: Literal["text", "any"] = "text",
+    max_seed: int = SEED_MAX_64,
+    max_count: int = MAX_SEEDS,
+    unique: bool = False,
+    error: Type[Exception] = ValueError,
+) -> List[int]:
+    """Seeds from a seed text (``"0-7,9"``) or, with ``forms="any"``, also from one integer or a
+    list/tuple of integers (a config value).
+
+    The one seed parser of the package: the sampler and ``generate`` use the defaults (text only,
+    64-bit seeds, ``ValueError``); the sweep passes ``forms="any"``, its ``2**32 - 1`` limit,
+    ``unique=True`` and ``SweepError``.
+
+    Args:
+        value: the seed text, or (``forms="any"``) an integer or a list/tuple of integers.
+        key: the name in error messages.
+        forms: ``"text"`` (a seed text only) or ``"any"``.
+        max_seed: the largest seed allowed.
+        max_count: the most seeds a text may expand to.
+        unique: no seed may be given twice.
+        error: the exception class raised, with one line naming ``key``.
+    """
+    if forms == "text":
+        seeds = parse_seed_text(value, key, max_seed=max_seed, max_count=max_count, error=error)
+        return (
+            check_seeds(seeds, key, max_seed=max_seed, unique=True, error=error)
+            if unique
+            else seeds
+        )
+    if isinstance(value, bool) or value is None:
+        raise error(f"{key}: expected integers, a list or a range string like '0-3', got {value!r}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise error(f"{key}: empty seed string")
+        value = parse_seed_text(value, key, max_seed=max_seed, max_count=max_count, error=error)
+    elif not isinstance(value, (int, list, tuple)):
+        raise error(f"{key}: expected integers, a list or a range string, got {value!r}")
+    return check_seeds(value, key, max_seed=max_seed, unique=unique, error=error)
 
 
 # ------------------------------------------------------------------------------------- slugs

@@ -26,6 +26,7 @@ __all__ = [
     "FRONT",
     "BACK",
     "OVERHEAD",
+    "REJECT",
     "ViewThresholds",
     "ThreestudioScheme",
     "AuthorsScheme",
@@ -41,6 +42,10 @@ __all__ = [
 
 VIEW_NAMES: Tuple[str, str, str, str] = ("side", "front", "back", "overhead")
 SIDE, FRONT, BACK, OVERHEAD = range(4)
+#: A view classifier's label for an image that shows no head view (the testbed classifier's
+#: reject class): never a success and never a front. Here so that eval/ names it without
+#: importing testbed/.
+REJECT = "none"
 
 Triple = Tuple[float, float, float]
 

@@ -54,6 +54,7 @@ __all__ = [
     "check_labels",
     "check_templates",
     "load_view_classifier",
+    "register_view_classifier",
 ]
 
 #: Label order of every score matrix (a ``labels=`` subset keeps this relative order as given).
@@ -78,6 +79,10 @@ DEFAULT_TEMPLATES: Mapping[str, Tuple[str, ...]] = {
 BACKENDS: Tuple[str, str] = ("transformers", "open_clip")
 #: Classifiers the evaluators can use: zero-shot CLIP, or the Janus testbed's view CNN.
 CLASSIFIERS: Tuple[str, str] = ("clip", "testbed")
+#: Loaders of the classifiers other than CLIP, ``kind -> loader(folder or None)``, registered by
+#: the layer that owns them: eval/ never imports testbed/ (docs/architecture.md), so the package
+#: root (``threestudio_perpneg/__init__.py``) registers the testbed's CNN.
+_LOADERS: Dict[str, Callable[[Optional[str]], Any]] = {}
 PLACEHOLDER = "{object}"
 _CACHE_SIZE = 64
 
@@ -534,8 +539,9 @@ def load_view_classifier(
     Args:
         kind: ``"clip"`` (:meth:`ViewClassifier.from_pretrained` of ``path``, a hub id or folder,
             with ``clip_kwargs``) or ``"testbed"`` (the Janus testbed's CNN,
-            :func:`threestudio_perpneg.testbed.classifier.load_classifier`; ``path`` is a
-            classifier folder, None for the shipped one). The testbed classifier's labels are
+            :func:`threestudio_perpneg.testbed.classifier.load_classifier`, registered by the
+            package root with :func:`register_view_classifier`; ``path`` is a classifier
+            folder, None for the shipped one). The testbed classifier's labels are
             ``front``, ``side``, ``back`` and ``none`` (an image that shows no head view: never a
             success and never a front); it ignores the object name and reads testbed heads only.
 
@@ -553,14 +559,22 @@ def load_view_classifier(
         raise ValueError(
             f"classifier: the testbed classifier takes no CLIP settings, got {sorted(clip_kwargs)}"
         )
-    from ..testbed.classifier import classifier_path, load_classifier
-
-    folder = classifier_path() if path is None else os.fspath(path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"classifier path: {str(folder)!r} is not a folder, expected a testbed classifier "
-            "folder (config.json + model.safetensors)"
+    loader = _LOADERS.get(kind)
+    if loader is None:
+        raise ValueError(
+            f"classifier: no loader registered for {kind!r} (importing threestudio_perpneg "
+            "registers the testbed's)"
         )
-    clf = load_classifier(folder)
-    clf.name = f"testbed:{folder}"
-    return clf
+    return loader(None if path is None else os.fspath(path))
+
+
+def register_view_classifier(kind: str, loader: Callable[[Optional[str]], Any]) -> None:
+    """Makes ``load_view_classifier(kind, path)`` return ``loader(path)`` (``path`` a folder, or
+    None for the loader's default); ``kind`` is one of :data:`CLASSIFIERS` other than ``"clip"``.
+
+    Raises:
+        `ValueError`: naming ``classifier`` for another kind.
+    """
+    if kind not in CLASSIFIERS or kind == "clip":
+        raise ValueError(f"classifier: cannot register {kind!r}, expected one of {CLASSIFIERS[1:]}")
+    _LOADERS[kind] = loader

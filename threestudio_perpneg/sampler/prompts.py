@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ..common.checks import MAX_SEEDS, SEED_MAX_64, parse_seed_text
+# parse_seeds ("0-7,9" -> seeds, ValueError naming ``seeds``) is the package's one seed parser,
+# re-exported here as part of the sampler's API.
+from ..common.checks import MAX_SEEDS, parse_seeds
 
 __all__ = ["MAX_SEEDS", "PromptSpec", "parse_prompts", "parse_seeds"]
 
@@ -72,13 +74,3 @@ def parse_prompts(text: str, weights: Optional[str] = None) -> PromptSpec:
     if values[0] <= 0.0:
         raise ValueError(f"weights: the main prompt's weight must be > 0, got {values[0]!r}")
     return PromptSpec(parts[0], parts[1:], values)
-
-
-def parse_seeds(text: str) -> List[int]:
-    """Parses ``"0-7"`` (inclusive), ``"1,3,5"``, ``"30"`` or ``"0-3,10"`` into a list of seeds.
-
-    Raises:
-        `ValueError`: naming ``seeds`` for empty text or items, non-numbers, negative numbers,
-            reversed ranges (``"7-0"``) or more than :data:`MAX_SEEDS` seeds.
-    """
-    return parse_seed_text(text, "seeds", max_seed=SEED_MAX_64, max_count=MAX_SEEDS)

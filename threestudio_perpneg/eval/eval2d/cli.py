@@ -371,7 +371,7 @@ def run_cli(args: argparse.Namespace) -> Dict[str, Any]:
     except ValueError as err:
         _library_error(err, "--labels")
     if testbed:
-        from ...testbed.classifier import REJECT
+        from ...core.views import REJECT
 
         labels = ("front", "side", "back", REJECT)
     missing = [v for v in args.views if v not in labels]

@@ -3,6 +3,7 @@ normalised into :class:`Settings` (prompts, seeds, methods, weight schemes, job 
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from dataclasses import dataclass
@@ -14,10 +15,9 @@ from ...common.checks import (
     check_bool,
     check_int,
     check_name,
-    check_seeds,
-    parse_seed_text,
     slug,
 )
+from ...common.checks import parse_seeds as _parse_seeds
 from ...common.io import output_folder
 
 __all__ = [
@@ -145,23 +145,12 @@ def _str_list(key: str, value: Any) -> Tuple[str, ...]:
     return tuple(value)
 
 
-def parse_seeds(value: Any, key: str = "seeds") -> List[int]:
-    """Seeds from a list of integers, one integer, or a string of ranges (``"0-3,7"``).
-
-    Each seed is in ``[0, 2**32)``; duplicates, empty lists and reversed ranges are errors."""
-    if isinstance(value, bool) or value is None:
-        raise SweepError(
-            f"{key}: expected integers, a list or a range string like '0-3', got {value!r}"
-        )
-    if isinstance(value, str):
-        if not value.strip():
-            raise SweepError(f"{key}: empty seed string")
-        value = parse_seed_text(
-            value, key, max_seed=MAX_SEED, max_count=MAX_SEEDS, error=SweepError
-        )
-    elif not isinstance(value, (int, list, tuple)):
-        raise SweepError(f"{key}: expected integers, a list or a range string, got {value!r}")
-    return check_seeds(value, key, max_seed=MAX_SEED, unique=True, error=SweepError)
+#: The sweep's seeds (``seeds=[0,1,2]``, ``seeds=5`` or ``seeds=0-2``): the one parser of
+#: :func:`threestudio_perpneg.common.checks.parse_seeds` with the sweep's settings: integers, lists or
+#: range strings, each seed in ``[0, 2**32)``, no seed twice, :class:`SweepError`.
+parse_seeds = functools.partial(
+    _parse_seeds, forms="any", max_seed=MAX_SEED, max_count=MAX_SEEDS, unique=True, error=SweepError
+)
 
 
 def object_name(prompt: str) -> str:

@@ -118,12 +118,16 @@ def test_sweep_writes_every_key_the_issue_names(tmp_path: Path) -> None:
             lo, hi = row["janus_ci95"]
             assert 0.0 <= lo <= row["janus"] / row["seeds"] <= hi <= 1.0
         assert (tmp_path / "s" / f"rings_{lv['name']}.png").stat().st_size > 0
-    # A middle level (p35 of p15..p80) also has the built-in and batch-1 rows.
-    assert {r["method"] for r in data["levels"][0]["table3d"][5:]} == {
+    # The family's middle levels (p35 of p15..p80) also have the built-in and batch-1 rows; its
+    # ends (p15) have the five sweep rows only.
+    end, middle = data["levels"]
+    assert len(end["table3d"]) == len(S.SWEEP_METHODS)
+    assert {r["method"] for r in middle["table3d"][len(S.SWEEP_METHODS) :]} == {
         "threestudio-builtin",
         "vanilla",
         "ours",
     }
+    assert {r["batch"] for r in middle["table3d"][len(S.SWEEP_METHODS) :]} >= {1}
     assert {"holds", "levels", "text"} <= set(data["hypothesis"])
     assert {"clean_view_accuracy", "hard_negative_none_rate", "n_clean", "n_hard"} <= set(
         data["classifier"]

@@ -42,6 +42,8 @@ __all__ = [
     "render_labelled",
     "render_rejects",
     "evaluate",
+    "evaluate_hard_negatives",
+    "held_out_summary",
     "train_classifier",
 ]
 
@@ -71,14 +73,19 @@ class ClassifierConfig:
         camera_distance_range: training camera distances (head radii). Default (2.6, 3.4).
         fovy_deg: field of view of the training renders (degrees). Default 45.
         seed: seed of the weights and the training renders. Default 0.
-        steps: optimiser steps. Default 2500.
+        steps: optimiser steps. Default 6000 (with the hard negatives; 2500 before them).
         batch_size: renders per step. Default 96.
         lr: AdamW learning rate (cosine decay to 0). Default 3e-3.
-        pool_size: distinct training renders (re-augmented every step). Default 24000.
+        pool_size: distinct training renders (re-augmented every step). Default 32000.
         reject_fraction: share of the pool that shows no head view (random noise and colour
             fields on the sphere, or a texture mostly overwritten by them), labelled
             :data:`REJECT`, so an unfinished or garbled texture is not read as a front. 0 drops
             the class. Default 0.2.
+        hard_negative_fraction: share of the pool drawn from
+            :func:`~threestudio_perpneg.testbed.hard_negatives.render_hard_negatives` (heads in
+            the identities' colours with no face, a faint, smeared or eyeless face, crown-only
+            hair, noise or blur), labelled :data:`REJECT`: the heads SDS converges to on an
+            uninformed prior. Default 0.3.
     """
 
     resolution: int = 16
@@ -89,11 +96,12 @@ class ClassifierConfig:
     camera_distance_range: Tuple[float, float] = (2.6, 3.4)
     fovy_deg: float = scenes.DEFAULT_FOVY
     seed: int = 0
-    steps: int = 2500
+    steps: int = 6000
     batch_size: int = 96
     lr: float = 3e-3
-    pool_size: int = 24000
+    pool_size: int = 32000
     reject_fraction: float = 0.2
+    hard_negative_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         for key, lo in (
@@ -138,25 +146,38 @@ class ClassifierConfig:
         rf = self.reject_fraction
         if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not 0.0 <= rf < 1.0:
             raise ValueError(f"reject_fraction: expected a number in [0, 1), got {rf!r}")
+        hf = self.hard_negative_fraction
+        if isinstance(hf, bool) or not isinstance(hf, (int, float)) or not 0.0 <= hf < 1.0:
+            raise ValueError(f"hard_negative_fraction: expected a number in [0, 1), got {hf!r}")
+        if rf + hf >= 1.0:
+            raise ValueError(
+                f"reject_fraction + hard_negative_fraction: expected a sum below 1 (some clean "
+                f"renders), got {rf!r} + {hf!r}"
+            )
 
     @property
     def labels(self) -> Tuple[str, ...]:
         """Output classes of the view head: the views, then :data:`REJECT` if trained."""
-        return self.views + ((REJECT,) if self.reject_fraction > 0 else ())
+        rejects = self.reject_fraction > 0 or self.hard_negative_fraction > 0
+        return self.views + ((REJECT,) if rejects else ())
 
     def to_dict(self) -> Dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClassifierConfig:
-        """Strict: an unknown key raises ``ValueError`` naming it."""
+        """Strict: an unknown key raises ``ValueError`` naming it.
+
+        A folder written before the hard negatives existed has no ``hard_negative_fraction``: it
+        was trained without them (0), not with today's default.
+        """
         known = {f.name for f in fields(cls)}
         for key in data:
             if key not in known:
                 raise ValueError(
                     f"classifier config: unknown key {key!r}, expected one of {sorted(known)}"
                 )
-        return cls(**dict(data))
+        return cls(**{"hard_negative_fraction": 0.0, **dict(data)})
 
 
 def _pair(key: str, value: Any, lo: float, hi: float) -> Tuple[float, float]:
@@ -375,6 +396,23 @@ def render_rejects(cfg: ClassifierConfig, n: int, generator: torch.Generator) ->
     )
 
 
+def _hard_negatives(
+    cfg: ClassifierConfig, n: int, generator: torch.Generator
+) -> Tuple[Tensor, Tensor]:
+    """Hard negatives (images, kind) rendered with the classifier's cameras and resolution."""
+    from .hard_negatives import render_hard_negatives
+
+    return render_hard_negatives(
+        n,
+        generator,
+        identities=cfg.identities,
+        resolution=cfg.resolution,
+        elevation_range_deg=cfg.elevation_range_deg,
+        camera_distance_range=cfg.camera_distance_range,
+        fovy_deg=cfg.fovy_deg,
+    )
+
+
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     """Noise, blur, contrast/brightness and background changes, as a prior's samples show."""
     n = x.shape[0]
@@ -444,6 +482,39 @@ def evaluate(
     return metrics
 
 
+def evaluate_hard_negatives(
+    clf: TestbedClassifier, n: int = 2000, seed: int = 54321
+) -> Dict[str, Any]:
+    """How often fresh hard negatives (a seed not used in training) read ``none``, per kind too."""
+    from .hard_negatives import HARD_NEGATIVE_KINDS
+
+    images, kind = _hard_negatives(clf.cfg, n, torch.Generator().manual_seed(seed))
+    views = clf.classify(images).views
+    none = torch.tensor([v == REJECT for v in views])
+    front = torch.tensor([v == "front" for v in views])
+    per_kind = {
+        name: float(none[kind == k].float().mean()) if (kind == k).any() else math.nan
+        for k, name in enumerate(HARD_NEGATIVE_KINDS)
+    }
+    return {
+        "n": n,
+        "seed": seed,
+        "none_rate": float(none.float().mean()),
+        "read_as_front": float(front.float().mean()),
+        "none_rate_per_kind": per_kind,
+    }
+
+
+def held_out_summary(clean: Mapping[str, Any], hard: Mapping[str, Any]) -> Dict[str, Any]:
+    """The four figures issue 17 asks of the classifier, from the two held-out evaluations."""
+    return {
+        "clean_view_accuracy": clean["view_accuracy"],
+        "hard_negative_none_rate": hard["none_rate"],
+        "n_clean": clean["n"],
+        "n_hard": hard["n"],
+    }
+
+
 # -------------------------------------------------------------------------------- training
 def _masked_ce(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy over the rows with a target (>= 0); 0 when there is none."""
@@ -456,7 +527,7 @@ def _masked_ce(logits: Tensor, target: Tensor) -> Tensor:
 def train_classifier(
     out_dir: PathLike,
     seed: int = 0,
-    steps: int = 2500,
+    steps: Optional[int] = None,
     *,
     config: Optional[ClassifierConfig] = None,
     eval_n: int = 4000,
@@ -467,7 +538,7 @@ def train_classifier(
     Args:
         out_dir: output folder (created; files written atomically).
         seed: seed of weights and data (overrides ``config.seed``).
-        steps: optimiser steps (overrides ``config.steps``).
+        steps: optimiser steps (overrides ``config.steps`` unless None).
         config: the rest of the recipe; defaults of :class:`ClassifierConfig` if None.
         eval_n: fresh held-out renders for the reported accuracy.
         progress: show a tqdm progress bar.
@@ -480,7 +551,9 @@ def train_classifier(
     from ..commands.common import atomic_write, write_json
 
     base = config or ClassifierConfig()
-    cfg = ClassifierConfig.from_dict({**base.to_dict(), "seed": seed, "steps": steps})
+    cfg = ClassifierConfig.from_dict(
+        {**base.to_dict(), "seed": seed, "steps": base.steps if steps is None else steps}
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -488,7 +561,8 @@ def train_classifier(
     t0 = time.time()
     pool, pool_view, pool_id = [], [], []
     n_reject = int(round(cfg.pool_size * cfg.reject_fraction))
-    n_heads = cfg.pool_size - n_reject
+    n_hard = int(round(cfg.pool_size * cfg.hard_negative_fraction))
+    n_heads = cfg.pool_size - n_reject - n_hard
     for start in range(0, n_heads, 2000):
         x, v, i, _ = render_labelled(cfg, min(2000, n_heads - start), g)
         pool.append(x)
@@ -499,6 +573,11 @@ def train_classifier(
         pool.append(render_rejects(cfg, m, g))
         pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
         pool_id.append(torch.full((m,), -1))  # no identity: left out of the identity loss
+    for start in range(0, n_hard, 2000):
+        m = min(2000, n_hard - start)
+        pool.append(_hard_negatives(cfg, m, g)[0])
+        pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
+        pool_id.append(torch.full((m,), -1))
     images, views, idents = torch.cat(pool), torch.cat(pool_view), torch.cat(pool_id)
     data_s = time.time() - t0
     net = ViewIdentityNet(cfg)
@@ -531,11 +610,15 @@ def train_classifier(
             steps_iter.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
     net.eval()
     clf = TestbedClassifier(net, cfg)
+    clean = evaluate(clf, eval_n, seed=cfg.seed + 1_000_003)
+    hard = evaluate_hard_negatives(clf, eval_n, seed=cfg.seed + 3_000_003)
     metrics = {
         "train_seconds": round(time.time() - t0, 1),
         "data_seconds": round(data_s, 1),
         "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else None,
-        "held_out": evaluate(clf, eval_n, seed=cfg.seed + 1_000_003),
+        "held_out_summary": held_out_summary(clean, hard),
+        "held_out": clean,
+        "held_out_hard_negatives": hard,
         "held_out_away_from_boundaries": evaluate(
             clf, eval_n, seed=cfg.seed + 1_000_003, margin_deg=10.0
         ),

@@ -84,7 +84,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     clf = sub.add_parser("train-classifier", help="train the view/identity classifier")
     clf.add_argument("--out", required=True, type=Path, help="output folder")
     clf.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default 0)")
-    clf.add_argument("--steps", type=positive_int, default=1500, help="optimiser steps")
+    clf.add_argument(
+        "--steps", type=positive_int, default=None, help="optimiser steps (default the recipe's)"
+    )
     clf.add_argument("--quiet", action="store_true", help="no progress bar")
 
     bias = sub.add_parser("bias", help="prior bias: front fraction, back/side success with CFG")
@@ -350,7 +352,12 @@ def _train_classifier(ns: argparse.Namespace) -> None:
         metrics = train_classifier(ns.out, seed=ns.seed, steps=ns.steps, progress=not ns.quiet)
     except ValueError as err:
         raise TestbedError(str(err)) from None
-    print(f"classifier written to {ns.out}: {json.dumps(metrics.get('accuracy', metrics))[:200]}")
+    summary = metrics["held_out_summary"]
+    print(
+        f"classifier written to {ns.out}: clean view accuracy {summary['clean_view_accuracy']:.3f} "
+        f"(n = {summary['n_clean']}), hard negatives read none {summary['hard_negative_none_rate']:.3f} "
+        f"(n = {summary['n_hard']})"
+    )
 
 
 def _bias(ns: argparse.Namespace) -> None:

@@ -22,8 +22,9 @@ from threestudio_perpneg.testbed import levels as L
     seed=st.integers(0, 2**31 - 1),
 )
 def test_renders_do_not_depend_on_the_caption_knobs(error: float, prob: float, seed: int) -> None:
-    ref = D.sample_batch(L.base_dataset(), 24, torch.Generator().manual_seed(seed))
-    knobs = {**L.base_dataset().to_dict(), "view_phrase_prob": prob}
+    no_phrase = D.DatasetConfig.from_dict({**L.level_dataset(0.3).to_dict(), "view_phrase_prob": 0})
+    ref = D.sample_batch(no_phrase, 24, torch.Generator().manual_seed(seed))
+    knobs = {**no_phrase.to_dict(), "view_phrase_prob": prob}
     knobs["view_phrase_matrix"] = D.confusion_matrix(error)
     other = D.sample_batch(
         D.DatasetConfig.from_dict(knobs), 24, torch.Generator().manual_seed(seed)
@@ -43,7 +44,8 @@ def test_written_views_follow_the_level_matrix() -> None:
         se = math.sqrt(lv.error * (1 - lv.error) / len(written))
         assert abs(right - (1 - lv.error)) < 4 * se, (true, right, len(written))
     phrased = sum(w is not None for w in batch.written_views) / len(batch.views)
-    assert abs(phrased - 0.3) < 4 * math.sqrt(0.21 / len(batch.views))
+    assert abs(phrased - 0.8) < 4 * math.sqrt(0.16 / len(batch.views))
+    assert L.LEVEL_PHRASE_PROB == 0.8
 
 
 def test_levels_span_inert_to_informative_by_bayes_rule() -> None:
@@ -56,12 +58,14 @@ def test_levels_span_inert_to_informative_by_bayes_rule() -> None:
         side = 0.2 * (1 - e) / (0.2 * (1 - e) + 0.4 * e)
         assert lv.p_side() == pytest.approx(side)
     assert [lv.p_back() for lv in L.LEVELS] == sorted(lv.p_back() for lv in L.LEVELS)
-    # Only the caption knobs differ between levels (and the base).
-    dicts = [lv.dataset().to_dict() for lv in L.LEVELS] + [L.base_dataset().to_dict()]
+    # Only the caption knobs differ between levels, and the recipe (seeds included) is shared.
+    dicts = [lv.dataset().to_dict() for lv in L.LEVELS]
     for d in dicts:
         for key in D.CAPTION_KEYS:
             d.pop(key)
     assert all(d == dicts[0] for d in dicts)
+    assert {lv.dataset().view_phrase_prob for lv in L.LEVELS} == {0.8}
+    assert L.level_recipe().steps == L.LEVEL_STEPS and L.level_recipe(threads=2).seed == 0
 
 
 def test_unknown_level_is_named() -> None:
@@ -70,7 +74,7 @@ def test_unknown_level_is_named() -> None:
     assert [lv.name for lv in L.parse_levels(None)] == list(L.LEVEL_NAMES)
 
 
-def test_a_level_continues_the_base_and_other_knobs_are_refused(tmp_path: Path) -> None:
+def test_a_prior_continues_on_other_captions_and_other_knobs_are_refused(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     pytest.importorskip("matplotlib")
     from threestudio_perpneg.testbed.prior import PriorConfig
@@ -79,7 +83,8 @@ def test_a_level_continues_the_base_and_other_knobs_are_refused(tmp_path: Path) 
     prior = PriorConfig(resolution=16, block_out_channels=(16, 16), cross_attention_levels=1)
     recipe = TrainConfig(steps=2, batch_size=2, pool_size=8, warmup_steps=0)
     base = tmp_path / "base"
-    train_prior(base, L.base_dataset(), prior, recipe, progress=False)
+    no_phrase = D.DatasetConfig.from_dict({**L.level_dataset(0.3).to_dict(), "view_phrase_prob": 0})
+    train_prior(base, no_phrase, prior, recipe, progress=False)
     lv = L.find_level("p80")
     train_prior(tmp_path / "p80", lv.dataset(), prior, recipe, progress=False, init_from=base)
     saved = json.loads((tmp_path / "p80" / "testbed.json").read_text())

@@ -13,8 +13,8 @@ Subcommands:
   3D table printed, ``DIR/testbed.json`` and ``DIR/rings.png``.
 * ``calibrate --out DIR``: the vanilla / no-view Janus rate per identity against its captions'
   view-phrase reliability (:mod:`.calibrate`): ``DIR/calibration.json`` and ``.png``.
-* ``train-levels --out DIR [--levels ...]``: the view-knowledge sweep's prior family
-  (:mod:`.levels`): ``DIR/base`` and one folder per level.
+* ``train-levels --out DIR [--levels ...] [--steps N] [--threads N]``: the view-knowledge
+  sweep's prior family (:mod:`.levels`), one folder per level, each trained from scratch.
 * ``sweep --out DIR [--quick] [--levels ...] [--first-seed N] [--priors DIR]``: Perp-Neg along
   the sweep (:mod:`.sweep`): ``DIR/sweep.json``, ``sweep.png``, ``sweep2d.png``, rings per level.
 
@@ -167,12 +167,13 @@ def _add_sweep_parsers(sub: Any) -> None:
     from .levels import LEVEL_NAMES
 
     levels_help = f"level names, some of {' '.join(LEVEL_NAMES)} (default all)"
-    tl = sub.add_parser("train-levels", help="train the sweep's prior family (base + levels)")
+    tl = sub.add_parser("train-levels", help="train the sweep's prior family (one per level)")
     tl.add_argument("--out", required=True, type=Path, help="output folder")
     tl.add_argument("--levels", nargs="+", default=None, metavar="LEVEL", help=levels_help)
     tl.add_argument(
-        "--base", default=None, help="an existing base folder to continue from (default: train)"
+        "--steps", type=positive_int, default=None, help="steps per level (default the recipe's)"
     )
+    tl.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     tl.add_argument("--quiet", action="store_true", help="no progress bars")
     sw = sub.add_parser("sweep", help="Perp-Neg along a sweep of the prior's view knowledge")
     sw.add_argument("--out", required=True, type=Path, help="output folder")
@@ -208,16 +209,18 @@ def _add_sweep_parsers(sub: Any) -> None:
 
 
 def _train_levels(ns: argparse.Namespace) -> None:
-    from .levels import parse_levels, train_base, train_level
+    from .levels import LEVEL_STEPS, parse_levels, train_level
 
     try:
         chosen = parse_levels(ns.levels)
-        base = Path(ns.base) if ns.base else ns.out / "base"
-        if ns.base is None:
-            m = train_base(base, progress=not ns.quiet)
-            print(f"base written to {base}: final loss {m['final_loss']:.4f}")
         for lv in chosen:
-            m = train_level(ns.out / lv.name, lv, base, progress=not ns.quiet)
+            m = train_level(
+                ns.out / lv.name,
+                lv,
+                steps=ns.steps or LEVEL_STEPS,
+                threads=ns.threads,
+                progress=not ns.quiet,
+            )
             print(
                 f"level {lv.name} (P(back | back view) = {lv.p_back():.3f}) written to "
                 f"{ns.out / lv.name}: final loss {m['final_loss']:.4f}"

@@ -2,24 +2,29 @@
 
 Every level's prior sees the same pool of renders (heads, cameras, jitter, templates: the caption
 knobs never move the data generator, see :func:`~threestudio_perpneg.testbed.dataset.sample_batch`)
-and differs only in how often a caption's view phrase is right. To make a family affordable on
-two CPU cores the levels share a base: the base is trained on captions without any view phrase
-(``view_phrase_prob = 0``), then each level continues from it for the same number of steps on
-its own captions (30 % with a view phrase, right with probability ``1 − error``, otherwise one
-of the two other views). The base knows heads and identities but no view word; everything a
-level's prior knows about views comes from its own captions.
+and is trained from scratch with the same recipe and seeds; the levels differ only in how often a
+caption's view phrase is right (right with probability ``1 − error``, otherwise one of the two
+other views). A view phrase is in 80 % of the captions at every level.
+
+Why so dense, and why from scratch (measured, issue 17): the first family (a view phrase in 30 %
+of the captions; a shared base trained without view phrases, each level continued from it for
+1000 steps) learned no view words at any level: ‖⊥(Δ_front, Δ_pos)‖ / ‖Δ_pos‖ on back cameras was
+0.004-0.010, and even every caption naming the right view, continued from that base, reached only
+0.07-0.18 with 2D SDS still drawing a front for "back view". Trained from scratch for 3000 steps
+with the right view in every caption, the same UNet reached 1.55 / 1.08 / 0.59 at t = 200 / 500 /
+800 and 2D SDS stopped drawing a front for "back view". 20 % of the captions keep no view phrase
+so that the no-view prompt stays in the training distribution.
 
 Reliability is stated as the data has it: ``P(back | caption says "back view")`` from the view
 frequencies (70/20/10 front/side/back, web-like) and the level's error (Bayes,
-:func:`~threestudio_perpneg.testbed.dataset.p_view_given_phrase`). With 70 % fronts, a
-caption's "back view" is wrong more often than the error alone suggests.
+:func:`~threestudio_perpneg.testbed.dataset.p_view_given_phrase`; the phrase rate cancels). With
+70 % fronts, a caption's "back view" is wrong more often than the error alone suggests.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .dataset import DatasetConfig, confusion_matrix, p_view_given_phrase
@@ -30,13 +35,10 @@ __all__ = [
     "LEVELS",
     "LEVEL_NAMES",
     "SWEEP_PRIOR",
-    "BASE_STEPS",
     "LEVEL_STEPS",
+    "LEVEL_PHRASE_PROB",
     "level_dataset",
-    "base_dataset",
     "level_recipe",
-    "base_recipe",
-    "train_base",
     "train_level",
 ]
 
@@ -79,12 +81,10 @@ LEVEL_NAMES: Tuple[str, ...] = tuple(lv.name for lv in LEVELS)
 #: The sweep's UNet: cross attention on the text at 8 px and 4 px (and the mid block). The
 #: attempt-5 prior attended only at 4 px.
 SWEEP_PRIOR = PriorConfig(resolution=16, block_out_channels=(32, 48, 64), cross_attention_levels=2)
-#: Optimiser steps of the shared base and of each level's continuation (batch 32). The
-#: continuation's weight average decays faster (0.995: a window of about 200 steps), so the
-#: saved level is the continued model, not a blend with the base.
-BASE_STEPS = 4000
-LEVEL_STEPS = 1000
-LEVEL_EMA_DECAY = 0.995
+#: Optimiser steps of every level prior (batch 32, from scratch; about 15 min on 2 threads).
+LEVEL_STEPS = 3000
+#: Share of the captions with a view phrase, at every level.
+LEVEL_PHRASE_PROB = 0.8
 
 _COMMON: Dict[str, Any] = {
     "resolution": 16,
@@ -94,34 +94,21 @@ _COMMON: Dict[str, Any] = {
 
 
 def level_dataset(error: float) -> DatasetConfig:
-    """A level's data knobs: the shared renders, a view phrase in 30 % of captions, ``error``."""
+    """A level's data knobs: the shared renders, a view phrase in 80 % of captions, ``error``."""
     return DatasetConfig.from_dict(
-        {**_COMMON, "view_phrase_prob": 0.3, "view_phrase_matrix": confusion_matrix(error)}
+        {
+            **_COMMON,
+            "view_phrase_prob": LEVEL_PHRASE_PROB,
+            "view_phrase_matrix": confusion_matrix(error),
+        }
     )
-
-
-def base_dataset() -> DatasetConfig:
-    """The shared base's data knobs: the same renders, captions without any view phrase."""
-    return DatasetConfig.from_dict({**_COMMON, "view_phrase_prob": 0.0})
-
-
-def base_recipe(steps: int = BASE_STEPS, **overrides: Any) -> Any:
-    from .train import TrainConfig
-
-    return TrainConfig(**{"steps": steps, "warmup_steps": 200, **overrides})
 
 
 def level_recipe(steps: int = LEVEL_STEPS, **overrides: Any) -> Any:
+    """The recipe every level is trained with (same seeds: only the captions differ)."""
     from .train import TrainConfig
 
-    return TrainConfig(
-        **{
-            "steps": steps,
-            "warmup_steps": 100,
-            "ema_decay": LEVEL_EMA_DECAY,
-            **overrides,
-        }
-    )
+    return TrainConfig(**{"steps": steps, "warmup_steps": 200, **overrides})
 
 
 def find_level(name: str) -> Level:
@@ -138,35 +125,23 @@ def parse_levels(names: Optional[Sequence[str]]) -> List[Level]:
     return [find_level(n) for n in names]
 
 
-def train_base(
-    out: str | os.PathLike, *, steps: int = BASE_STEPS, progress: bool = True, **kw: Any
-) -> Dict[str, Any]:
-    """Train the shared base (no view phrases) into ``out``."""
-    from .train import train_prior
-
-    return train_prior(
-        out, base_dataset(), SWEEP_PRIOR, base_recipe(steps), progress=progress, **kw
-    )
-
-
 def train_level(
     out: str | os.PathLike,
     level: Level,
-    base: str | os.PathLike,
     *,
     steps: int = LEVEL_STEPS,
+    threads: int = 1,
     progress: bool = True,
     **kw: Any,
 ) -> Dict[str, Any]:
-    """Continue the base at ``base`` on the level's captions into ``out``."""
+    """Train the level's prior from scratch into ``out``."""
     from .train import train_prior
 
     return train_prior(
         out,
         level.dataset(),
         SWEEP_PRIOR,
-        level_recipe(steps),
+        level_recipe(steps, threads=threads),
         progress=progress,
-        init_from=Path(base),
         **kw,
     )

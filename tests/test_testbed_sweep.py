@@ -137,6 +137,34 @@ def test_sweep_writes_every_key_the_issue_names(tmp_path: Path) -> None:
         assert (tmp_path / "s" / pic).stat().st_size > 0
     assert any("hypothesis" in line for line in lines)
 
+    # Measured apart, then merged: one run per level gives back the same sweep.
+    runs = []
+    for k, lv in enumerate(reversed(data["levels"])):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "sweep.json").write_text(json.dumps({**data, "levels": [lv]}))
+        (run / f"rings_{lv['name']}.png").write_bytes(b"png of " + lv["name"].encode())
+        runs.append(run)
+    merged = S.merge_sweeps(tmp_path / "m", runs, echo=lines.append)
+    assert [lv["name"] for lv in merged["levels"]] == ["p15", "p35"]  # ordered by P(back | ..)
+    assert merged["levels"] == data["levels"]
+    assert merged["hypothesis"] == data["hypothesis"]
+    assert merged["settings"]["merged_from"] == [str(r) for r in runs]
+    assert (tmp_path / "m" / "rings_p15.png").read_bytes() == b"png of p15"
+    for pic in ("sweep.png", "sweep2d.png"):
+        assert (tmp_path / "m" / pic).stat().st_size > 0
+    with pytest.raises(ValueError, match="level 'p15' is measured twice"):
+        S.merge_sweeps(tmp_path / "m2", [runs[1], runs[1]])
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = {
+        **data,
+        "settings": {**data["settings"], "sweep": {**data["settings"]["sweep"], "seeds": 9}},
+    }
+    (other / "sweep.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="other sweep settings"):
+        S.merge_sweeps(tmp_path / "m3", [runs[0], other])
+
 
 def test_missing_level_prior_is_one_line(tmp_path: Path, capsys) -> None:
     from threestudio_perpneg.testbed.cli import main

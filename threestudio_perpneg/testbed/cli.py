@@ -17,6 +17,8 @@ Subcommands:
   sweep's prior family (:mod:`.levels`), one folder per level, each trained from scratch.
 * ``sweep --out DIR [--quick] [--levels ...] [--first-seed N] [--priors DIR]``: Perp-Neg along
   the sweep (:mod:`.sweep`): ``DIR/sweep.json``, ``sweep.png``, ``sweep2d.png``, rings per level.
+* ``sweep-merge --out DIR RUN [RUN ...]``: one sweep from runs measured apart with the same
+  settings (levels joined, hypothesis evaluated afresh).
 
 Bad arguments exit with code 2 and a one-line message.
 """
@@ -55,7 +57,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(
         dest="command",
-        metavar="{train,train-classifier,bias,bench,calibrate,train-levels,sweep}",
+        metavar="{train,train-classifier,bias,bench,calibrate,train-levels,sweep,sweep-merge}",
     )
     sub.required = True
 
@@ -206,6 +208,11 @@ def _add_sweep_parsers(sub: Any) -> None:
         help="levels measured at once, one process and one thread each (default 1)",
     )
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sm = sub.add_parser(
+        "sweep-merge", help="join sweep runs measured apart (same settings) into one sweep.json"
+    )
+    sm.add_argument("--out", required=True, type=Path, help="output folder")
+    sm.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="sweep output folders")
 
 
 def _train_levels(ns: argparse.Namespace) -> None:
@@ -226,6 +233,15 @@ def _train_levels(ns: argparse.Namespace) -> None:
                 f"{ns.out / lv.name}: final loss {m['final_loss']:.4f}"
             )
     except (FileExistsError, FileNotFoundError, ImportError, ValueError) as err:
+        raise TestbedError(str(err)) from None
+
+
+def _sweep_merge(ns: argparse.Namespace) -> None:
+    from .sweep import merge_sweeps
+
+    try:
+        merge_sweeps(ns.out, ns.runs)
+    except (FileNotFoundError, ValueError, ImportError) as err:
         raise TestbedError(str(err)) from None
 
 
@@ -457,6 +473,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         "calibrate": _calibrate,
         "train-levels": _train_levels,
         "sweep": _sweep,
+        "sweep-merge": _sweep_merge,
     }[ns.command]
     return run_command(parser.prog, lambda: run(ns), TestbedError)
 

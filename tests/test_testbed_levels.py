@@ -93,3 +93,20 @@ def test_a_prior_continues_on_other_captions_and_other_knobs_are_refused(tmp_pat
     other = D.DatasetConfig.from_dict({**lv.dataset().to_dict(), "texture_jitter": 0.9})
     with pytest.raises(ValueError, match="init_from: .* another dataset config"):
         train_prior(tmp_path / "x", other, prior, recipe, progress=False, init_from=base)
+
+
+@pytest.mark.parametrize("name", ["p35", "p55", "p80"])
+def test_shipped_level_priors_follow_their_level(name: str) -> None:
+    from threestudio_perpneg.testbed.sweep import default_priors_dir, level_prior
+
+    lv = L.find_level(name)
+    folder = level_prior(default_priors_dir(), lv)
+    saved = json.loads((folder / "testbed.json").read_text())
+    assert D.DatasetConfig.from_dict(saved["dataset"]) == lv.dataset()
+    assert saved["train"]["steps"] == L.LEVEL_STEPS and saved["train"]["init_from"] is None
+    assert saved["train"]["seed"] == L.level_recipe().seed
+    pytest.importorskip("diffusers")
+    from threestudio_perpneg.engines.pixel import load_deepfloyd_if
+
+    unet = load_deepfloyd_if(str(folder))[0]
+    assert unet.config.block_out_channels == list(L.SWEEP_PRIOR.block_out_channels)

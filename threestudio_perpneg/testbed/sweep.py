@@ -353,9 +353,8 @@ def run_sweep(
             results are the same as with one job; the workers print their tables unprefixed).
     """
     from ..commands.common import versions
-    from ..common.io import output_folder, write_json_atomic
+    from ..common.io import output_folder
     from .classifier import load_classifier
-    from .sweep_plots import plot_sweep, plot_sweep2d
 
     config = config or SweepConfig()
     chosen = parse_levels(levels)
@@ -406,14 +405,23 @@ def run_sweep(
             "versions": versions(),
         },
     }
+    _write_report(folder, report, echo)
+    echo(f"wrote {folder / 'sweep.json'} and the pictures in {time.time() - t0:.0f} s")
+    return report
+
+
+def _write_report(folder: Path, report: Dict[str, Any], echo: Callable[[str], Any]) -> None:
+    """``sweep.json``, ``sweep.png`` and ``sweep2d.png`` of a report, and the verdict echoed."""
+    from ..common.io import write_json_atomic
+    from .sweep_plots import plot_sweep, plot_sweep2d
+
     write_json_atomic(folder / "sweep.json", report, allow_nan=True)
-    plot_sweep(measured, folder / "sweep.png")
-    plot_sweep2d(measured, folder / "sweep2d.png")
+    plot_sweep(report["levels"], folder / "sweep.png")
+    plot_sweep2d(report["levels"], folder / "sweep2d.png")
+    hypothesis = report["hypothesis"]
     verdict = "holds" if hypothesis["holds"] else "does not hold"
     where = f" at {', '.join(hypothesis['levels'])}" if hypothesis["levels"] else ""
     echo(f"hypothesis {verdict}{where}: {HYPOTHESIS}")
-    echo(f"wrote {folder / 'sweep.json'} and the pictures in {time.time() - t0:.0f} s")
-    return report
 
 
 def merge_sweeps(
@@ -428,8 +436,7 @@ def merge_sweeps(
     """
     import shutil
 
-    from ..common.io import output_folder, read_json, write_json_atomic
-    from .sweep_plots import plot_sweep, plot_sweep2d
+    from ..common.io import output_folder, read_json
 
     if len(runs) < 1:
         raise ValueError("runs: expected at least one sweep folder, got none")
@@ -455,7 +462,6 @@ def merge_sweeps(
             rings = run_dir / f"rings_{lv['name']}.png"
             if rings.is_file() and rings.resolve() != (folder / rings.name).resolve():
                 shutil.copyfile(rings, folder / rings.name)
-    hypothesis = evaluate_hypothesis(levels)
     settings = dict(first["settings"])
     settings["levels"] = [lv["name"] for lv in levels]
     settings["seconds"] = round(sum(rep["settings"]["seconds"] for _, rep in reports), 1)
@@ -463,15 +469,10 @@ def merge_sweeps(
     report = {
         "levels": levels,
         "classifier": first["classifier"],
-        "hypothesis": hypothesis,
+        "hypothesis": evaluate_hypothesis(levels),
         "settings": settings,
     }
-    write_json_atomic(folder / "sweep.json", report, allow_nan=True)
-    plot_sweep(levels, folder / "sweep.png")
-    plot_sweep2d(levels, folder / "sweep2d.png")
-    verdict = "holds" if hypothesis["holds"] else "does not hold"
-    where = f" at {', '.join(hypothesis['levels'])}" if hypothesis["levels"] else ""
-    echo(f"hypothesis {verdict}{where}: {HYPOTHESIS}")
+    _write_report(folder, report, echo)
     echo(f"wrote {folder / 'sweep.json'} from {len(reports)} runs")
     return report
 

@@ -22,7 +22,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn.functional as F
@@ -415,17 +426,15 @@ def _hard_negatives(
 
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     """Noise, blur, contrast/brightness and background changes, as a prior's samples show."""
+    from .hard_negatives import binomial_blur
+
     n = x.shape[0]
     # Contrast and brightness around mid-grey.
     c = 1.0 + 0.25 * (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1)
     b = 0.08 * (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1)
     x = (x - 0.5) * c + 0.5 + b
     # Blur half of the batch with a 3x3 binomial kernel.
-    k = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (k[:, None] * k[None]) / 16.0
-    blurred = F.conv2d(
-        F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3
-    )
+    blurred = binomial_blur(x)
     x = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, blurred, x)
     # Gaussian pixel noise of a random strength up to 0.12.
     sigma = 0.12 * torch.rand(n, 1, 1, 1, generator=generator)
@@ -568,16 +577,16 @@ def train_classifier(
         pool.append(x)
         pool_view.append(v)
         pool_id.append(i)
-    for start in range(0, n_reject, 2000):
-        m = min(2000, n_reject - start)
-        pool.append(render_rejects(cfg, m, g))
-        pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
-        pool_id.append(torch.full((m,), -1))  # no identity: left out of the identity loss
-    for start in range(0, n_hard, 2000):
-        m = min(2000, n_hard - start)
-        pool.append(_hard_negatives(cfg, m, g)[0])
-        pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
-        pool_id.append(torch.full((m,), -1))
+    rejects: Tuple[Tuple[int, Callable[[int], Tensor]], ...] = (
+        (n_reject, lambda m: render_rejects(cfg, m, g)),
+        (n_hard, lambda m: _hard_negatives(cfg, m, g)[0]),
+    )
+    for n_kind, draw in rejects:
+        for start in range(0, n_kind, 2000):
+            m = min(2000, n_kind - start)
+            pool.append(draw(m))
+            pool_view.append(torch.full((m,), cfg.labels.index(REJECT)))
+            pool_id.append(torch.full((m,), -1))  # no identity: left out of the identity loss
     images, views, idents = torch.cat(pool), torch.cat(pool_view), torch.cat(pool_id)
     data_s = time.time() - t0
     net = ViewIdentityNet(cfg)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import scenes
 
-__all__ = ["HARD_NEGATIVE_KINDS", "render_hard_negatives", "smear"]
+__all__ = ["HARD_NEGATIVE_KINDS", "binomial_blur", "render_hard_negatives", "smear"]
 
 #: The kinds, drawn with equal probability; :func:`render_hard_negatives` says what each is.
 HARD_NEGATIVE_KINDS: Tuple[str, ...] = (
@@ -45,7 +45,7 @@ FACE_AZIMUTH = 60.0
 BACK_AZIMUTH = 145.0
 
 
-def _binomial_blur(x: Tensor, passes: int) -> Tensor:
+def binomial_blur(x: Tensor, passes: int = 1) -> Tensor:
     """``passes`` rounds of a 3×3 binomial filter (about a Gaussian of σ = 0.7·√passes px)."""
     k = torch.tensor([1.0, 2.0, 1.0])
     kernel = ((k[:, None] * k[None]) / 16.0).expand(x.shape[1], 1, 3, 3)
@@ -164,6 +164,6 @@ def render_hard_negatives(
     noisy = images + sigma * torch.randn(images.shape, generator=g)
     images = torch.where(is_("noisy"), noisy, images)
     passes = torch.randint(2, 7, (n,), generator=g)
-    blurred = torch.stack([_binomial_blur(images[i : i + 1], int(passes[i]))[0] for i in range(n)])
+    blurred = torch.stack([binomial_blur(images[i : i + 1], int(passes[i]))[0] for i in range(n)])
     images = torch.where(is_("blurred"), blurred, images)
     return images.clamp(0.0, 1.0), kind

@@ -18,7 +18,7 @@ so those cameras are left out (their label would be a guess, not a rule).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,11 @@ def smear(texture: Tensor, width_texels: int) -> Tensor:
     c = texture.shape[-3]
     kernel = torch.full((c, 1, 1, w), 1.0 / w)
     return F.conv2d(x, kernel, groups=c)
+
+
+def _indices(kind: Tensor, name: str) -> List[int]:
+    """Sample indices of one kind (for the per-sample filters)."""
+    return torch.nonzero(kind == HARD_NEGATIVE_KINDS.index(name)).flatten().tolist()
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
@@ -136,8 +141,8 @@ def render_hard_negatives(
     widths = torch.randint(
         max(1, round(40 / 360 * w)), max(2, round(90 / 360 * w)) + 1, (n,), generator=g
     )
-    smeared = torch.stack([smear(real[i : i + 1], int(widths[i]))[0] for i in range(n)])
-    tex = torch.where(is_("smeared-features"), smeared, tex)
+    for i in _indices(kind, "smeared-features"):  # only the heads of that kind are smeared
+        tex[i] = smear(real[i : i + 1], int(widths[i]))[0]
     # Mouth or nose only: the brows and eyes (polar 50°-99°, |azimuth| < 55°) repainted from
     # the featureless twin.
     theta = (torch.arange(h, dtype=torch.float32) + 0.5) * 180.0 / h
@@ -164,6 +169,6 @@ def render_hard_negatives(
     noisy = images + sigma * torch.randn(images.shape, generator=g)
     images = torch.where(is_("noisy"), noisy, images)
     passes = torch.randint(2, 7, (n,), generator=g)
-    blurred = torch.stack([binomial_blur(images[i : i + 1], int(passes[i]))[0] for i in range(n)])
-    images = torch.where(is_("blurred"), blurred, images)
+    for i in _indices(kind, "blurred"):
+        images[i] = binomial_blur(images[i : i + 1], int(passes[i]))[0]
     return images.clamp(0.0, 1.0), kind

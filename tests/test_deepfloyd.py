@@ -150,7 +150,7 @@ def test_perp_neg_off_is_threestudio_if_guidance(engine, bank):
     """ε_c + s(ε_c − ε_u) under the threestudio convention; variance of the positive branch."""
     cams = _cams([30.0, 200.0])
     cond = _cond(bank, cams[0], cams[1], perp_neg=False)
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     t = torch.tensor([100, 700])
     settings = SDSSettings(guidance_scale=20.0)
     eps, var = engine.guided_noise_and_variance(x, t, cond, settings.scale)
@@ -158,7 +158,9 @@ def test_perp_neg_off_is_threestudio_if_guidance(engine, bank):
         text = engine.unet(x, t, encoder_hidden_states=cond.positive).sample
         uncond = engine.unet(x, t, encoder_hidden_states=cond.uncond).sample
     expected = text[:, :3] + 20.0 * (text[:, :3] - uncond[:, :3])
-    torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4)
+    # The engine runs both branches in one batch, the reference one at a time: their ~5e-6
+    # roundoff difference is multiplied by 1 + s = 21 (a clean clone's CI once saw 1.07e-4).
+    torch.testing.assert_close(eps, expected, rtol=1e-4, atol=21 * 2e-5)
     torch.testing.assert_close(var, text[:, 3:], rtol=1e-4, atol=1e-5)
     assert engine.model_output(eps, var).shape == (2, 6, 64, 64)
 

@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("matplotlib")
 
 from threestudio_perpneg.testbed import sweep as S  # noqa: E402
+from threestudio_perpneg.testbed import sweep_merge as M  # noqa: E402
 from threestudio_perpneg.testbed.prior import load_prior_path  # noqa: E402
 
 TINY = S.SweepConfig(
@@ -145,25 +146,81 @@ def test_sweep_writes_every_key_the_issue_names(tmp_path: Path) -> None:
         (run / "sweep.json").write_text(json.dumps({**data, "levels": [lv]}))
         (run / f"rings_{lv['name']}.png").write_bytes(b"png of " + lv["name"].encode())
         runs.append(run)
-    merged = S.merge_sweeps(tmp_path / "m", runs, echo=lines.append)
+    merged = M.merge_sweeps(tmp_path / "m", runs, echo=lines.append)
     assert [lv["name"] for lv in merged["levels"]] == ["p15", "p35"]  # ordered by P(back | ..)
-    assert merged["levels"] == data["levels"]
+    for lv, orig in zip(merged["levels"], data["levels"]):
+        (block,) = lv.pop("seed_runs")
+        assert block["first_seed"] == 0 and block["seeds"] == 1
+        assert lv == orig
+    assert "seeds" not in merged["settings"]["sweep"]  # sizes live in each level's seed_runs
     assert merged["hypothesis"] == data["hypothesis"]
     assert merged["settings"]["merged_from"] == [str(r) for r in runs]
     assert (tmp_path / "m" / "rings_p15.png").read_bytes() == b"png of p15"
     for pic in ("sweep.png", "sweep2d.png"):
         assert (tmp_path / "m" / pic).stat().st_size > 0
-    with pytest.raises(ValueError, match="level 'p15' is measured twice"):
-        S.merge_sweeps(tmp_path / "m2", [runs[1], runs[1]])
+    with pytest.raises(ValueError, match="level 'p15' is measured twice on the same seeds"):
+        M.merge_sweeps(tmp_path / "m2", [runs[1], runs[1]])
     other = tmp_path / "other"
     other.mkdir()
     changed = {
         **data,
-        "settings": {**data["settings"], "sweep": {**data["settings"]["sweep"], "seeds": 9}},
+        "settings": {**data["settings"], "sweep": {**data["settings"]["sweep"], "steps3d": 9}},
     }
     (other / "sweep.json").write_text(json.dumps(changed))
     with pytest.raises(ValueError, match="other sweep settings"):
-        S.merge_sweeps(tmp_path / "m3", [runs[0], other])
+        M.merge_sweeps(tmp_path / "m3", [runs[0], other])
+
+
+def test_one_level_on_disjoint_seeds_merges_to_the_run_over_all_seeds(tmp_path: Path) -> None:
+    """Seeds 0-1 measured as [0] + [1] give the 3D rows one run over [0, 1] gives; 2D counts add."""
+    from dataclasses import replace
+
+    from threestudio_perpneg.eval.stats import wilson_interval
+
+    priors = _priors(tmp_path, ["p15"])
+    two = replace(TINY, seeds=2, seeds_middle=2, n_sds2d=2)
+    whole = S.run_sweep(
+        tmp_path / "whole", two, levels=["p15"], priors=priors, progress=False, echo=print
+    )["levels"][0]
+    for k in (0, 1):
+        S.run_sweep(
+            tmp_path / f"part{k}",
+            replace(TINY, first_seed=k),
+            levels=["p15"],
+            priors=priors,
+            progress=False,
+            echo=print,
+        )
+    lines: list = []
+    runs = [tmp_path / "part1", tmp_path / "part0"]
+    merged = M.merge_sweeps(tmp_path / "m", runs, echo=lines.append)["levels"][0]
+    parts = [json.loads((r / "sweep.json").read_text())["levels"][0] for r in runs]
+    assert [b["first_seed"] for b in merged["seed_runs"]] == [1, 0]
+    assert merged["sanity"]["front_cameras_3d"] == whole["sanity"]["front_cameras_3d"]
+    assert [r["label"] for r in merged["table3d"]] == [r["label"] for r in whole["table3d"]]
+    for got, ref in zip(merged["table3d"], whole["table3d"]):
+        for key in ("seeds", "janus", "front_kept", "janus_ci95", "front_kept_ci95"):
+            assert got[key] == ref[key], (got["label"], key)
+        for key in ("identity_agreement", "unet_rows_per_step"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-9)
+        assert got["view_accuracy"] == pytest.approx(ref["view_accuracy"], abs=1e-9)
+    for got, a, b in zip(merged["table2d"], parts[0]["table2d"], parts[1]["table2d"]):
+        assert got["n"] == a["n"] + b["n"] == 2 * TINY.n2d
+        assert got["successes"] == a["successes"] + b["successes"]
+        assert sum(got["view_counts"].values()) == got["n"]
+        assert got["interval"] == list(wilson_interval(got["successes"], got["n"]))
+    for got, a, b in zip(merged["projection"], parts[0]["projection"], parts[1]["projection"]):
+        assert got["n"] == 2 * TINY.n_projection
+        assert got["perp_over_pos"] == pytest.approx(
+            (a["perp_over_pos"] + b["perp_over_pos"]) / 2, abs=1e-4
+        )
+    assert merged["sanity"]["sds2d_front"][1] == 2
+    assert (tmp_path / "m" / "rings_p15.png").read_bytes() == (
+        tmp_path / "part0" / "rings_p15.png"
+    ).read_bytes()  # the rings of the first seeds
+    # Merged again with a third block: blocks may not overlap the ones already merged.
+    with pytest.raises(ValueError, match="measured twice on the same seeds"):
+        M.merge_sweeps(tmp_path / "m2", [tmp_path / "m", tmp_path / "whole"])
 
 
 def test_missing_level_prior_is_one_line(tmp_path: Path, capsys) -> None:

@@ -18,7 +18,8 @@ Subcommands:
 * ``sweep --out DIR [--quick] [--levels ...] [--first-seed N] [--priors DIR]``: Perp-Neg along
   the sweep (:mod:`.sweep`): ``DIR/sweep.json``, ``sweep.png``, ``sweep2d.png``, rings per level.
 * ``sweep-merge --out DIR RUN [RUN ...]``: one sweep from runs measured apart with the same
-  settings (levels joined, hypothesis evaluated afresh).
+  settings (:mod:`.sweep_merge`): other levels joined, the same level on disjoint seeds summed,
+  hypothesis evaluated afresh.
 
 Bad arguments exit with code 2 and a one-line message.
 """
@@ -209,7 +210,9 @@ def _add_sweep_parsers(sub: Any) -> None:
     )
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sm = sub.add_parser(
-        "sweep-merge", help="join sweep runs measured apart (same settings) into one sweep.json"
+        "sweep-merge",
+        help="join sweep runs measured apart (other levels, or one level on disjoint --first-seed "
+        "blocks) into one sweep.json",
     )
     sm.add_argument("--out", required=True, type=Path, help="output folder")
     sm.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="sweep output folders")
@@ -237,7 +240,7 @@ def _train_levels(ns: argparse.Namespace) -> None:
 
 
 def _sweep_merge(ns: argparse.Namespace) -> None:
-    from .sweep import merge_sweeps
+    from .sweep_merge import merge_sweeps
 
     try:
         merge_sweeps(ns.out, ns.runs)

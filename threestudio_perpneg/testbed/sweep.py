@@ -37,7 +37,6 @@ __all__ = [
     "default_priors_dir",
     "evaluate_hypothesis",
     "run_sweep",
-    "merge_sweeps",
 ]
 
 PathLike = Union[str, Path]
@@ -422,59 +421,6 @@ def _write_report(folder: Path, report: Dict[str, Any], echo: Callable[[str], An
     verdict = "holds" if hypothesis["holds"] else "does not hold"
     where = f" at {', '.join(hypothesis['levels'])}" if hypothesis["levels"] else ""
     echo(f"hypothesis {verdict}{where}: {HYPOTHESIS}")
-
-
-def merge_sweeps(
-    out: PathLike, runs: Sequence[PathLike], *, echo: Callable[[str], Any] = print
-) -> Dict[str, Any]:
-    """One ``sweep.json`` (and pictures) from runs measured apart with the same settings.
-
-    Levels measured in separate runs (say, as their priors finished training) are joined in
-    order of P(back | "back view"), their rings copied, and the hypothesis evaluated afresh on
-    all of them. Runs whose sizes or settings differ, or that measured the same level, raise
-    ``ValueError`` naming the run.
-    """
-    import shutil
-
-    from ..common.io import output_folder, read_json
-
-    if len(runs) < 1:
-        raise ValueError("runs: expected at least one sweep folder, got none")
-    reports = [(Path(r), read_json(Path(r) / "sweep.json")) for r in runs]
-    first_dir, first = reports[0]
-    levels: List[Dict[str, Any]] = []
-    for run_dir, rep in reports:
-        for key in ("sweep", "protocol3d"):
-            if rep["settings"][key] != first["settings"][key]:
-                raise ValueError(
-                    f"runs: {run_dir} was measured with other {key} settings than {first_dir}"
-                )
-        if rep["classifier"] != first["classifier"]:
-            raise ValueError(f"runs: {run_dir} used another classifier than {first_dir}")
-        for lv in rep["levels"]:
-            if any(lv["name"] == other["name"] for other in levels):
-                raise ValueError(f"runs: level {lv['name']!r} is measured twice ({run_dir})")
-            levels.append(lv)
-    levels.sort(key=lambda lv: lv["p_back_given_back_phrase"])
-    folder = output_folder("out", out)
-    for run_dir, rep in reports:
-        for lv in rep["levels"]:
-            rings = run_dir / f"rings_{lv['name']}.png"
-            if rings.is_file() and rings.resolve() != (folder / rings.name).resolve():
-                shutil.copyfile(rings, folder / rings.name)
-    settings = dict(first["settings"])
-    settings["levels"] = [lv["name"] for lv in levels]
-    settings["seconds"] = round(sum(rep["settings"]["seconds"] for _, rep in reports), 1)
-    settings["merged_from"] = [str(r) for r, _ in reports]
-    report = {
-        "levels": levels,
-        "classifier": first["classifier"],
-        "hypothesis": evaluate_hypothesis(levels),
-        "settings": settings,
-    }
-    _write_report(folder, report, echo)
-    echo(f"wrote {folder / 'sweep.json'} from {len(reports)} runs")
-    return report
 
 
 def _level_job(args: Any) -> Dict[str, Any]:

@@ -95,7 +95,7 @@ def test_a_prior_continues_on_other_captions_and_other_knobs_are_refused(tmp_pat
         train_prior(tmp_path / "x", other, prior, recipe, progress=False, init_from=base)
 
 
-@pytest.mark.parametrize("name", ["p35", "p55", "p80"])
+@pytest.mark.parametrize("name", ["p15", "p35", "p55", "p80"])
 def test_shipped_level_priors_follow_their_level(name: str) -> None:
     from threestudio_perpneg.testbed.sweep import default_priors_dir, level_prior
 

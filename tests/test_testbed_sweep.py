@@ -278,3 +278,13 @@ def test_projection_parts_agree_with_each_other() -> None:
     r = rows[0]
     expected = r["front_over_pos"] * (1 - r["cos_front_pos"] ** 2) ** 0.5
     assert r["perp_over_pos"] == pytest.approx(expected, abs=0.005)
+
+
+def test_sweep_title_names_the_seeds_of_each_level_when_they_differ() -> None:
+    from threestudio_perpneg.testbed.sweep_plots import _seeds_title
+
+    def level(name: str, seeds: int) -> dict:
+        return {"name": name, "table3d": [_row("noview", 4, None, 0, 0, seeds=seeds)]}
+
+    assert _seeds_title([level("p15", 16), level("p55", 16)]) == "16 seeds per point"
+    assert _seeds_title([level("p15", 4), level("p55", 16)]) == "seeds per point: p15 4, p55 16"

@@ -65,11 +65,19 @@ def plot_sweep(levels: Sequence[Dict[str, Any]], path: PathLike) -> None:
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    n = levels[0]["table3d"][0]["seeds"] if levels and levels[0]["table3d"] else 0
-    fig.suptitle(f"Perp-Neg along the prior's view knowledge ({n} seeds per point)", fontsize=10)
+    fig.suptitle(f"Perp-Neg along the prior's view knowledge ({_seeds_title(levels)})", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def _seeds_title(levels: Sequence[Dict[str, Any]]) -> str:
+    """``"16 seeds per point"``, or the seeds of each level's batch-4 rows when they differ
+    (a merged sweep may hold levels measured at other sizes)."""
+    per = [(lv["name"], lv["table3d"][0]["seeds"]) for lv in levels if lv["table3d"]]
+    if len({n for _, n in per}) <= 1:
+        return f"{per[0][1] if per else 0} seeds per point"
+    return "seeds per point: " + ", ".join(f"{name} {n}" for name, n in per)
 
 
 def plot_sweep2d(levels: Sequence[Dict[str, Any]], path: PathLike) -> None:

@@ -229,9 +229,92 @@ def test_table_rows_count_the_objects_and_rings_are_drawn(prior: Path, tmp_path:
         assert row["janus"] == 2 and row["front_kept"] == 2
         assert row["view_accuracy"] == {"front": 1.0, "side": 0.0, "back": 0.0}
         assert row["identity_agreement"] == 0.5  # seed 0 asked for robot, seed 1 for clown
+    # The picture shows the detail renders (4 x 16 px), whatever the zoom of the fallback.
     out = T3.save_rings(tmp_path / "rings.png", results, max_seeds=1, zoom=2)
     with Image.open(out) as im:
+        assert im.size == (200 + 8 * 64, 2 * (64 + 14) + 14)
+    bare = {k: [o._replace(ring_images_detail=None) for o in v] for k, v in results.items()}
+    out = T3.save_rings(tmp_path / "rings16.png", bare, max_seeds=1, zoom=2)
+    with Image.open(out) as im:
         assert im.size == (200 + 8 * 32, 2 * (32 + 14) + 14)
+
+
+def test_detail_ring_is_the_same_object_from_the_same_cameras(prior: Path, engine) -> None:
+    from threestudio_perpneg.testbed import scenes
+
+    cfg = P3.Protocol3DConfig(steps=2, texture_size=8, ring_views=8, seed=5)
+    res = P3.run_object(cfg, prior, _Fixed(), "a corgi", engine=engine)
+    detail = res.ring_images_detail
+    assert detail is not None and detail.shape == (8, 3, 16 * P3.RING_DETAIL, 16 * P3.RING_DETAIL)
+    # Rendered here from the returned texture with the ring's cameras (azimuth k*45, elevation 0,
+    # the prior's mid distance and field of view: the tiny prior has no testbed.json, so the
+    # dataset defaults), at 64 px: the same picture.
+    from threestudio_perpneg.testbed.dataset import DatasetConfig
+
+    d = DatasetConfig()
+    want = scenes.render(
+        res.texture,
+        [45.0 * k if k <= 4 else 45.0 * k - 360.0 for k in range(8)],
+        [0.0] * 8,
+        sum(d.camera_distance_range) / 2,
+        size=64,
+        fovy_deg=d.fovy_deg,
+        background=d.background,
+    )
+    torch.testing.assert_close(detail, want)
+    # And the classifier's 16 px ring is that picture at a coarser resolution.
+    pooled = torch.nn.functional.avg_pool2d(detail, P3.RING_DETAIL)
+    assert (pooled - res.ring_images).abs().mean() < 0.03
+
+
+def test_rings_picture_draws_the_reference_row_first(prior: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from threestudio_perpneg.testbed import table3d as T3
+
+    shipped = Path(T3.__file__).resolve().parents[2] / "benchmarks/results/testbed-sweep/priors/p55"
+    if not shipped.is_dir():
+        pytest.skip(f"no shipped level prior at {shipped}")
+    base = P3.Protocol3DConfig(ring_views=12)
+    label, ref = T3.reference_ring(shipped, "troll", base)
+    assert label == "clean troll" and ref.shape == (12, 3, 64, 64)
+    # The clean head seen by the shipped classifier at the prior's 16 px: its true views.
+    from threestudio_perpneg.testbed.classifier import load_classifier
+
+    views = load_classifier().classify(torch.nn.functional.avg_pool2d(ref, 4)).views
+    truth = [_truth(a) for a in P3.ring_azimuths(12)]
+    assert sum(v == t for v, t in zip(views, truth)) >= 10, views
+    res = P3.ObjectResult(
+        janus=False,
+        front_kept=True,
+        view_accuracy={},
+        ring_azimuths=P3.ring_azimuths(12),
+        ring_labels=truth,
+        ring_truth=truth,
+        flags={},
+        unet_rows_per_step=2.0,
+        losses=[],
+        texture=torch.zeros(3, 8, 16),
+        ring_images=torch.zeros(12, 3, 16, 16),
+        seconds=0.0,
+        ring_images_detail=torch.ones(12, 3, 64, 64),
+    )
+    spec = T3.MethodSpec("vanilla", 4)
+    out = T3.save_rings(tmp_path / "r.png", {spec: [res]}, reference=(label, ref))
+    with Image.open(out) as im:
+        assert im.size == (200 + 12 * 64, 2 * (64 + 14) + 14)
+        px = im.convert("RGB").load()
+        # Reference row first (tile centre = the reference's pixel), then the object (white).
+        want = tuple(int(round(float(c) * 255)) for c in ref[0, :, 32, 32])
+        assert px[200 + 32, 14 + 32] == want
+        assert px[200 + 32, 14 + 78 + 32] == (255, 255, 255)
+
+
+def test_reference_ring_names_a_missing_prior(tmp_path: Path) -> None:
+    from threestudio_perpneg.testbed import table3d as T3
+
+    with pytest.raises(FileNotFoundError, match="prior_path: .* has no unet/config.json"):
+        T3.reference_ring(tmp_path, "troll")
 
 
 @pytest.mark.parametrize("identity", ["alien", "troll"])

@@ -130,7 +130,7 @@ def run_bench(
     from .prior import load_prior_path
     from .protocol2d import bias_summary, measure_prior_bias
     from .table2d import measure_table2d, negative_weight_curve, plot_negative_weight_curve
-    from .table3d import run_table3d, save_rings
+    from .table3d import reference_ring, run_table3d, save_rings
 
     config = config or BenchConfig()
     folder = output_folder("out", out)
@@ -203,7 +203,8 @@ def run_bench(
     add_intervals(rows)
     echo(format_table3d(rows))
     t_3d = time.time() - t0 - t_bias - t_2d
-    save_rings(folder / "rings.png", results, max_seeds=3)
+    reference = reference_ring(prior, config.identity, base)
+    save_rings(folder / "rings.png", results, max_seeds=3, reference=reference)
 
     report: Dict[str, Any] = {
         "prior_bias": bias,

@@ -54,8 +54,14 @@ __all__ = [
     "score_ring",
     "run_object",
     "run_objects",
+    "render_ring",
     "prompt_bank",
+    "RING_DETAIL",
 ]
+
+#: Ring renders for people are this many times finer than the prior's resolution (the classifier
+#: reads the prior's): the same texture and cameras, so eyes of a 16 px face become visible.
+RING_DETAIL = 4
 
 METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours", "threestudio-builtin")
 #: Methods that build Perp-Neg negatives.
@@ -247,7 +253,9 @@ class ObjectResult(NamedTuple):
         flags: the full output of ``janus_flags``.
         unet_rows_per_step: UNet batch rows (branches) per optimisation step, averaged.
         losses: SDS loss per step (of the whole batch of objects optimised together).
-        texture: the final texture ``[3, H, 2H]`` in [0, 1]; ring_images: ``[n, 3, R, R]``.
+        texture: the final texture ``[3, H, 2H]`` in [0, 1]; ring_images: ``[n, 3, R, R]``
+            at the prior's resolution R (what the classifier read); ring_images_detail: the same
+            ring at ``RING_DETAIL·R`` for pictures (None where not rendered).
         seconds: wall time of the optimisation (shared equally by objects optimised together).
         identity_agreement: fraction of ring views classified as the prompted identity (None
             when no identity was given or the classifier reports none).
@@ -266,6 +274,7 @@ class ObjectResult(NamedTuple):
     ring_images: Tensor
     seconds: float
     identity_agreement: Optional[float] = None
+    ring_images_detail: Optional[Tensor] = None
 
 
 def sample_cameras(
@@ -338,6 +347,23 @@ def _prior_camera_ranges(prior_path: PathLike) -> Tuple[Tuple[float, float], flo
     data = json.loads(meta.read_text(encoding="utf-8"))
     d = DatasetConfig.from_dict(data.get("dataset", data))
     return d.camera_distance_range, d.fovy_deg, d.background
+
+
+def render_ring(texture: Tensor, cfg: Protocol3DConfig, prior_path: PathLike, size: int) -> Tensor:
+    """The evaluation ring of ``cfg`` (``ring_views`` azimuths from 0) at ``size`` px: ``[n, 3, size, size]``."""
+    dist_range, fovy, background = _prior_camera_ranges(prior_path)
+    dist_range = cfg.camera_distance_range or dist_range
+    fovy_range = cfg.fovy_range_deg or (fovy, fovy)
+    azimuths = ring_azimuths(cfg.ring_views)
+    return scenes.render(
+        texture,
+        torch.tensor(azimuths),
+        torch.full((len(azimuths),), cfg.ring_elevation_deg),
+        sum(dist_range) / 2.0,
+        size=size,
+        fovy_deg=sum(fovy_range) / 2.0,
+        background=background,
+    )
 
 
 def run_object(
@@ -527,19 +553,10 @@ def run_objects(
     seconds = (time.time() - t0) / n_obj
 
     azimuths = ring_azimuths(cfg.ring_views)
-    n = len(azimuths)
     results = []
     for k in range(n_obj):
         texture = torch.sigmoid(logits[k].detach())
-        ring = scenes.render(
-            texture,
-            torch.tensor(azimuths),
-            torch.full((n,), cfg.ring_elevation_deg),
-            sum(dist_range) / 2.0,
-            size=size,
-            fovy_deg=sum(fovy_range) / 2.0,
-            background=background,
-        )
+        ring = render_ring(texture, cfg, prior_path, size)
         predicted = classifier.classify(ring)
         labels = list(predicted.views)
         janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, cfg.ring_elevation_deg)
@@ -563,6 +580,7 @@ def run_objects(
                 ring_images=ring,
                 seconds=seconds,
                 identity_agreement=agreement,
+                ring_images_detail=render_ring(texture, cfg, prior_path, RING_DETAIL * size),
             )
         )
     return results

@@ -208,7 +208,7 @@ def run_level(
     from .protocol2d import bias_summary, measure_prior_bias
     from .protocol3d import Protocol3DConfig
     from .table2d import measure_table2d
-    from .table3d import run_table3d, save_rings
+    from .table3d import reference_ring, run_table3d, save_rings
 
     t0 = time.time()
     engine = PerpNegIFEngine(*load_deepfloyd_if(prior))
@@ -300,7 +300,8 @@ def run_level(
         results.update(more_results)
     add_intervals(rows)
     echo(format_table3d(rows))
-    save_rings(folder / f"rings_{level.name}.png", results, max_seeds=3)
+    reference = reference_ring(prior, cfg.identity, base)
+    save_rings(folder / f"rings_{level.name}.png", results, max_seeds=3, reference=reference)
     seconds["table3d"] = time.time() - t
 
     t = time.time()

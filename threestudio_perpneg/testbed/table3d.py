@@ -23,6 +23,7 @@ __all__ = [
     "bench_methods",
     "control_methods",
     "run_table3d",
+    "reference_ring",
     "save_rings",
 ]
 
@@ -177,18 +178,41 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def reference_ring(
+    prior_path: PathLike, identity: str, base: Optional[Protocol3DConfig] = None
+) -> Tuple[str, torch.Tensor]:
+    """(label, images) of the identity's clean head on the evaluation ring, at the detail size
+    of :func:`save_rings`: what a face, an ear and the hair look like from each camera."""
+    from . import scenes
+    from .protocol3d import RING_DETAIL, render_ring
+
+    cfg = base or Protocol3DConfig()
+    unet_config = Path(prior_path) / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise FileNotFoundError(
+            f"prior_path: {prior_path} has no unet/config.json (expected a prior folder)"
+        )
+    size = int(json.loads(unet_config.read_text(encoding="utf-8"))["sample_size"])
+    ring = render_ring(scenes.identity_texture(identity), cfg, prior_path, RING_DETAIL * size)
+    return f"clean {identity}", ring
+
+
 def save_rings(
     path: PathLike,
     results: Mapping[MethodSpec, Sequence[ObjectResult]],
     *,
     max_seeds: int = 3,
     zoom: int = 4,
+    reference: Optional[Tuple[str, torch.Tensor]] = None,
 ) -> Path:
     """Draw per method the labelled rings of its first seeds into a PNG (written atomically).
 
     Each ring is one row of views (azimuth 0 first) with the classifier's label under each view
     (upper case where it disagrees with the camera's true bucket) and the Janus / front-kept
-    verdict at the left.
+    verdict at the left. Views are the detail renders (``ObjectResult.ring_images_detail``)
+    where the objects have them, else the classifier's images enlarged ``zoom`` times; labels are
+    always the classifier's reading of its own images. ``reference``, from
+    :func:`reference_ring`, is drawn first, labelled with the true views.
     """
     from PIL import Image, ImageDraw
 
@@ -197,32 +221,50 @@ def save_rings(
     rows = [(spec, o) for spec, objs in results.items() for o in list(objs)[:max_seeds]]
     if not rows:
         raise ValueError("results: expected at least one object, got none")
-    n = len(rows[0][1].ring_azimuths)
-    cell = rows[0][1].ring_images.shape[-1] * zoom
+    first = rows[0][1]
+    n = len(first.ring_azimuths)
+    details = [o.ring_images_detail for _, o in rows]
+    detail = all(d is not None for d in details)
+    shown: List[torch.Tensor] = [
+        d if d is not None and detail else o.ring_images for d, (_, o) in zip(details, rows)
+    ]
+    cell = shown[0].shape[-1] * (1 if detail else zoom)
     left, text_h = 200, 14
-    width, height = left + n * cell, len(rows) * (cell + text_h) + text_h
+    n_rows = len(rows) + (reference is not None)
+    width, height = left + n * cell, n_rows * (cell + text_h) + text_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, a in enumerate(rows[0][1].ring_azimuths):
+    for k, a in enumerate(first.ring_azimuths):
         draw.text((left + k * cell + 2, 0), f"{a:g}", fill="black")
-    for r, (spec, obj) in enumerate(rows):
-        y = text_h + r * (cell + text_h)
-        name = spec.label
-        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
-        draw.text((2, y + 2), f"{name} b{spec.batch_size}", fill="black")
-        draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
-        imgs = (obj.ring_images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def paste(y: int, images: torch.Tensor) -> None:
+        imgs = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         for k in range(n):
-            tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy()).resize(
-                (cell, cell), pil_nearest()
-            )
-            canvas.paste(tile, (left + k * cell, y))
+            tile = Image.fromarray(imgs[k].permute(1, 2, 0).numpy())
+            canvas.paste(tile.resize((cell, cell), pil_nearest()), (left + k * cell, y))
+
+    y = text_h
+    if reference is not None:
+        label, images = reference
+        draw.text((2, y + 2), label, fill="black")
+        draw.text((2, y + 16), "(the prior's data)", fill="black")
+        paste(y, images)
+        for k, true in enumerate(first.ring_truth):
+            draw.text((left + k * cell + 2, y + cell), true, fill="black")
+        y += cell + text_h
+    for (spec, obj), images in zip(rows, shown):
+        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
+        draw.text((2, y + 2), f"{spec.label} b{spec.batch_size}", fill="black")
+        draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
+        paste(y, images)
+        for k in range(n):
             lab, true = obj.ring_labels[k], obj.ring_truth[k]
             draw.text(
                 (left + k * cell + 2, y + cell),
                 lab if lab == true else lab.upper(),
                 fill="black" if lab == true else "red",
             )
+        y += cell + text_h
     out = Path(path)
     atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
     return out

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Redraw a sweep's ``rings_<level>.png`` without measuring the rest of the sweep.
+
+Runs the sweep's 3D rows (``testbed.sweep.SWEEP_METHODS``; at the middle levels also
+``MIDDLE_METHODS``) with the sweep's settings on the seeds its rings picture shows (the first
+three of the run: ``--first-seed`` .. ``--first-seed`` + 2) and writes the picture the sweep writes,
+so a picture of an older run can be redrawn with the current drawing code. The objects are the
+sweep's own: each object has its own generator, so the same seed gives the same object whatever
+else is optimised with it. Prints each object's verdict to compare with the run's picture::
+
+    python benchmarks/testbed_rings.py --out rings --levels p55 p80
+
+This is a picture script, not a test or a benchmark: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+
+from threestudio_perpneg.testbed import sweep as S  # noqa: E402
+from threestudio_perpneg.testbed.classifier import load_classifier  # noqa: E402
+from threestudio_perpneg.testbed.levels import parse_levels  # noqa: E402
+from threestudio_perpneg.testbed.protocol3d import Protocol3DConfig  # noqa: E402
+from threestudio_perpneg.testbed.table3d import reference_ring, run_table3d, save_rings  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--levels", nargs="+", default=None, help="level names (default all)")
+    ap.add_argument("--priors", default=None, help="level priors (default: the shipped ones)")
+    ap.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    ap.add_argument("--steps3d", type=int, default=S.SweepConfig().steps3d, help="SDS steps")
+    args = ap.parse_args(argv)
+    try:
+        levels = parse_levels(args.levels)
+    except ValueError as e:
+        ap.error(str(e))
+    priors = Path(args.priors) if args.priors else S.default_priors_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = S.SweepConfig().identity
+    classifier = load_classifier()
+    middle = {lv.name for lv in parse_levels(None)[1:-1]}
+    seeds = list(range(args.first_seed, args.first_seed + 3))
+    base = Protocol3DConfig.testbed_default(args.steps3d)
+    for lv in levels:
+        prior = str(S.level_prior(priors, lv))
+        methods = S.SWEEP_METHODS + (S.MIDDLE_METHODS if lv.name in middle else ())
+        _, results = run_table3d(
+            prior, classifier, seeds, methods=methods, base=base, identities=[identity]
+        )
+        for spec, objs in results.items():
+            verdicts = " ".join(
+                ("J" if o.janus else "-") + ("f" if o.front_kept else "x") for o in objs
+            )
+            print(
+                f"[{lv.name}] {spec.label} b{spec.batch_size}: {verdicts}  (J Janus, f front kept)"
+            )
+        path = save_rings(
+            out / f"rings_{lv.name}.png",
+            results,
+            max_seeds=3,
+            reference=reference_ring(prior, identity, base),
+        )
+        print(f"[{lv.name}] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

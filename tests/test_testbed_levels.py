@@ -95,15 +95,26 @@ def test_a_prior_continues_on_other_captions_and_other_knobs_are_refused(tmp_pat
         train_prior(tmp_path / "x", other, prior, recipe, progress=False, init_from=base)
 
 
-@pytest.mark.parametrize("name", ["p15", "p35", "p55", "p80"])
-def test_shipped_level_priors_follow_their_level(name: str) -> None:
+SHARP_PRIORS = Path(__file__).resolve().parents[1] / "benchmarks/results/testbed-sweep-6000/priors"
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [(n, "sweep") for n in ("p15", "p35", "p55", "p80")] + [(n, "sharp") for n in ("p35", "p55")],
+)
+def test_shipped_level_priors_follow_their_level(name: str, family: str) -> None:
     from threestudio_perpneg.testbed.sweep import default_priors_dir, level_prior
 
     lv = L.find_level(name)
-    folder = level_prior(default_priors_dir(), lv)
+    priors, steps = (
+        (default_priors_dir(), L.LEVEL_STEPS)
+        if family == "sweep"
+        else (SHARP_PRIORS, L.SHARP_LEVEL_STEPS)
+    )
+    folder = level_prior(priors, lv)
     saved = json.loads((folder / "testbed.json").read_text())
     assert D.DatasetConfig.from_dict(saved["dataset"]) == lv.dataset()
-    assert saved["train"]["steps"] == L.LEVEL_STEPS and saved["train"]["init_from"] is None
+    assert saved["train"]["steps"] == steps and saved["train"]["init_from"] is None
     assert saved["train"]["seed"] == L.level_recipe().seed
     pytest.importorskip("diffusers")
     from threestudio_perpneg.engines.pixel import load_deepfloyd_if

@@ -83,6 +83,11 @@ LEVEL_NAMES: Tuple[str, ...] = tuple(lv.name for lv in LEVELS)
 SWEEP_PRIOR = PriorConfig(resolution=16, block_out_channels=(32, 48, 64), cross_attention_levels=2)
 #: Optimiser steps of every level prior (batch 32, from scratch; about 15 min on 2 threads).
 LEVEL_STEPS = 3000
+#: Steps of the sharper family (``train-levels --steps 6000``; about 22 min a level on 1 free
+#: thread): its samples and SDS heads show eyes where the 3000-step ones show smudges, and its view
+#: words are stronger at the same caption knobs (p35 and p55 measured in
+#: ``benchmarks/results/testbed-sweep-6000/``).
+SHARP_LEVEL_STEPS = 6000
 #: Share of the captions with a view phrase, at every level.
 LEVEL_PHRASE_PROB = 0.8
 

@@ -100,7 +100,8 @@ SHARP_PRIORS = Path(__file__).resolve().parents[1] / "benchmarks/results/testbed
 
 @pytest.mark.parametrize(
     "name, family",
-    [(n, "sweep") for n in ("p15", "p35", "p55", "p80")] + [(n, "sharp") for n in ("p35", "p55")],
+    [(n, "sweep") for n in ("p15", "p35", "p55", "p80")]
+    + [(n, "sharp") for n in ("p15", "p35", "p55", "p80")],
 )
 def test_shipped_level_priors_follow_their_level(name: str, family: str) -> None:
     from threestudio_perpneg.testbed.sweep import default_priors_dir, level_prior

@@ -85,8 +85,8 @@ SWEEP_PRIOR = PriorConfig(resolution=16, block_out_channels=(32, 48, 64), cross_
 LEVEL_STEPS = 3000
 #: Steps of the sharper family (``train-levels --steps 6000``; about 22 min a level on 1 free
 #: thread): its samples and SDS heads show eyes where the 3000-step ones show smudges, and its view
-#: words are stronger at the same caption knobs (p35 and p55 measured in
-#: ``benchmarks/results/testbed-sweep-6000/``).
+#: words are stronger at the same caption knobs (all four shipped in
+#: ``benchmarks/results/testbed-sweep-6000/priors``; p35 and p55 measured there).
 SHARP_LEVEL_STEPS = 6000
 #: Share of the captions with a view phrase, at every level.
 LEVEL_PHRASE_PROB = 0.8

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Redraw a sweep's ``rings_<level>.png`` without measuring the rest of the sweep.
 
-Runs the sweep's 3D rows (``testbed.sweep.SWEEP_METHODS``; at the middle levels also
-``MIDDLE_METHODS``) with the sweep's settings on the seeds its rings picture shows (the first
-three of the run: ``--first-seed`` .. ``--first-seed`` + 2) and writes the picture the sweep writes,
-so a picture of an older run can be redrawn with the current drawing code. The objects are the
+Runs the sweep's 3D rows (``testbed.sweep.run_level_table3d``: ``SWEEP_METHODS``, at the
+middle levels also ``MIDDLE_METHODS``) with the sweep's settings on the seeds its rings picture
+shows (the first three of the run: ``--first-seed`` .. ``--first-seed`` + 2) and writes the
+picture the sweep writes (``testbed.sweep.write_rings``), so a picture of an older run can be redrawn with the current drawing code. The objects are the
 sweep's own: each object has its own generator, so the same seed gives the same object whatever
 else is optimised with it. Prints each object's verdict to compare with the run's picture::
 
@@ -22,11 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
+from dataclasses import replace  # noqa: E402
+
 from threestudio_perpneg.testbed import sweep as S  # noqa: E402
 from threestudio_perpneg.testbed.classifier import load_classifier  # noqa: E402
 from threestudio_perpneg.testbed.levels import parse_levels  # noqa: E402
-from threestudio_perpneg.testbed.protocol3d import Protocol3DConfig  # noqa: E402
-from threestudio_perpneg.testbed.table3d import reference_ring, run_table3d, save_rings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,17 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     priors = Path(args.priors) if args.priors else S.default_priors_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    identity = S.SweepConfig().identity
+    # the sweep's settings, sized to the three seeds its rings picture shows
+    cfg = replace(
+        S.SweepConfig(), seeds=3, seeds_middle=3, first_seed=args.first_seed, steps3d=args.steps3d
+    )
     classifier = load_classifier()
-    middle = {lv.name for lv in parse_levels(None)[1:-1]}
-    seeds = list(range(args.first_seed, args.first_seed + 3))
-    base = Protocol3DConfig.testbed_default(args.steps3d)
     for lv in levels:
         prior = str(S.level_prior(priors, lv))
-        methods = S.SWEEP_METHODS + (S.MIDDLE_METHODS if lv.name in middle else ())
-        _, results = run_table3d(
-            prior, classifier, seeds, methods=methods, base=base, identities=[identity]
-        )
+        _, results = S.run_level_table3d(lv, prior, classifier, cfg)
         for spec, objs in results.items():
             verdicts = " ".join(
                 ("J" if o.janus else "-") + ("f" if o.front_kept else "x") for o in objs
@@ -62,13 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{lv.name}] {spec.label} b{spec.batch_size}: {verdicts}  (J Janus, f front kept)"
             )
-        path = save_rings(
-            out / f"rings_{lv.name}.png",
-            results,
-            max_seeds=3,
-            reference=reference_ring(prior, identity, base),
-        )
-        print(f"[{lv.name}] wrote {path}")
+        print(f"[{lv.name}] wrote {S.write_rings(out, lv, prior, results, cfg)}")
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .levels import Level, parse_levels
+from .levels import LEVEL_NAMES, Level, parse_levels
 from .table3d import MethodSpec
 
 __all__ = [
@@ -36,7 +36,10 @@ __all__ = [
     "MIDDLE_METHODS",
     "default_priors_dir",
     "evaluate_hypothesis",
+    "is_middle",
+    "run_level_table3d",
     "run_sweep",
+    "write_rings",
 ]
 
 PathLike = Union[str, Path]
@@ -190,13 +193,62 @@ def evaluate_hypothesis(levels: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return {"holds": bool(holds_at), "levels": holds_at, "text": HYPOTHESIS, "detail": detail}
 
 
+def is_middle(level: Level) -> bool:
+    """Whether ``level`` lies strictly inside the family (not p15 or p80): it adds MIDDLE_METHODS."""
+    return level.name in LEVEL_NAMES[1:-1]
+
+
+def run_level_table3d(
+    level: Level, prior: str, classifier: Any, cfg: SweepConfig, *, progress: bool = True
+) -> Any:
+    """A level's 3D rows and objects: SWEEP_METHODS on ``cfg.seeds`` seeds and, at a middle
+    level, MIDDLE_METHODS on ``cfg.seeds_middle``; returns ``(rows, results)`` as ``run_table3d``."""
+    from .protocol3d import Protocol3DConfig
+    from .table3d import run_table3d
+
+    base = Protocol3DConfig.testbed_default(cfg.steps3d)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    rows, results = run_table3d(
+        prior,
+        classifier,
+        seeds,
+        methods=SWEEP_METHODS,
+        base=base,
+        identities=[cfg.identity],
+        progress=progress,
+    )
+    if is_middle(level):
+        extra_seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds_middle))
+        more, more_results = run_table3d(
+            prior,
+            classifier,
+            extra_seeds,
+            methods=MIDDLE_METHODS,
+            base=base,
+            identities=[cfg.identity],
+            progress=progress,
+        )
+        rows += more
+        results.update(more_results)
+    return rows, results
+
+
+def write_rings(folder: Path, level: Level, prior: str, results: Any, cfg: SweepConfig) -> Path:
+    """``folder/rings_<level>.png``: three seeds of every row under the identity's clean head."""
+    from .protocol3d import Protocol3DConfig
+    from .table3d import reference_ring, save_rings
+
+    base = Protocol3DConfig.testbed_default(cfg.steps3d)
+    reference = reference_ring(prior, cfg.identity, base)
+    return save_rings(folder / f"rings_{level.name}.png", results, max_seeds=3, reference=reference)
+
+
 def run_level(
     level: Level,
     prior: str,
     classifier: Any,
     cfg: SweepConfig,
     *,
-    middle: bool,
     folder: Path,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
@@ -208,7 +260,7 @@ def run_level(
     from .protocol2d import bias_summary, measure_prior_bias
     from .protocol3d import Protocol3DConfig
     from .table2d import measure_table2d
-    from .table3d import reference_ring, run_table3d, save_rings
+    from .table3d import run_table3d
 
     t0 = time.time()
     engine = PerpNegIFEngine(*load_deepfloyd_if(prior))
@@ -275,33 +327,10 @@ def run_level(
     seconds["table2d"] = time.time() - t
 
     t = time.time()
-    base = Protocol3DConfig.testbed_default(cfg.steps3d)
-    rows, results = run_table3d(
-        prior,
-        classifier,
-        seeds,
-        methods=SWEEP_METHODS,
-        base=base,
-        identities=[cfg.identity],
-        progress=progress,
-    )
-    if middle:
-        extra_seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds_middle))
-        more, more_results = run_table3d(
-            prior,
-            classifier,
-            extra_seeds,
-            methods=MIDDLE_METHODS,
-            base=base,
-            identities=[cfg.identity],
-            progress=progress,
-        )
-        rows += more
-        results.update(more_results)
+    rows, results = run_level_table3d(level, prior, classifier, cfg, progress=progress)
     add_intervals(rows)
     echo(format_table3d(rows))
-    reference = reference_ring(prior, cfg.identity, base)
-    save_rings(folder / f"rings_{level.name}.png", results, max_seeds=3, reference=reference)
+    write_rings(folder, level, prior, results, cfg)
     seconds["table3d"] = time.time() - t
 
     t = time.time()
@@ -363,12 +392,7 @@ def run_sweep(
     folder = output_folder("out", out)
     classifier = load_classifier(classifier_path)
     t0 = time.time()
-    names = [lv.name for lv in parse_levels(None)]
-    middle_names = set(names[1:-1])
-    args = [
-        (lv.name, str(folders[lv.name]), classifier_path, config, lv.name in middle_names, folder)
-        for lv in chosen
-    ]
+    args = [(lv.name, str(folders[lv.name]), classifier_path, config, folder) for lv in chosen]
     if jobs <= 1 or len(args) == 1:
         measured = [
             run_level(
@@ -376,7 +400,6 @@ def run_sweep(
                 a[1],
                 classifier,
                 config,
-                middle=a[4],
                 folder=folder,
                 progress=progress,
                 echo=echo,
@@ -430,14 +453,13 @@ def _level_job(args: Any) -> Dict[str, Any]:
 
     from .classifier import load_classifier
 
-    name, prior, classifier_path, config, middle, folder = args
+    name, prior, classifier_path, config, folder = args
     torch.set_num_threads(1)
     return run_level(
         parse_levels([name])[0],
         prior,
         load_classifier(classifier_path),
         config,
-        middle=middle,
         folder=folder,
         progress=False,
     )

@@ -66,8 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from threestudio_support import import_threestudio
-    from threestudio_support.system import load_custom_extension
+    from threestudio_perpneg.threestudio_cpu import import_threestudio
+    from threestudio_perpneg.threestudio_cpu.system import load_custom_extension
 
     ts = import_threestudio(os.environ.get("THREESTUDIO_ROOT"))
     load_custom_extension(HERE.parent / "custom" / "threestudio-perpneg")

@@ -290,9 +290,8 @@ def test_shipped_prior_through_the_registered_threestudio_classes(
     threestudio_workdir,  # noqa: F811
 ):
     """``perpneg-prompt-processor`` (CLIP) + ``perpneg-deep-floyd-guidance`` on the shipped prior."""
-    from threestudio_support.system import load_custom_extension
-
     from threestudio_perpneg.testbed.dataset import DatasetConfig
+    from threestudio_perpneg.threestudio_cpu.system import load_custom_extension
 
     load_custom_extension(Path(__file__).resolve().parents[1] / "custom" / "threestudio-perpneg")
     path = str(_shipped())

@@ -18,10 +18,10 @@ from threestudio_support.fixtures import require_threestudio
 threestudio = require_threestudio()  # module-level skip with the reason when unavailable
 
 import torch  # noqa: E402
-from threestudio_support.system import load_custom_extension  # noqa: E402
 
 from threestudio_perpneg.engines.sd import sds_step  # noqa: E402
 from threestudio_perpneg.testbed.builtin import threestudio_guided_noise  # noqa: E402
+from threestudio_perpneg.threestudio_cpu.system import load_custom_extension  # noqa: E402
 
 pytestmark = pytest.mark.threestudio
 

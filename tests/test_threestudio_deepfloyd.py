@@ -14,7 +14,8 @@ from threestudio_support.fixtures import require_threestudio
 threestudio = require_threestudio()  # module-level skip with the reason when unavailable
 
 import torch  # noqa: E402
-from threestudio_support.system import (  # noqa: E402
+
+from threestudio_perpneg.threestudio_cpu.system import (  # noqa: E402
     fit_steps,
     load_custom_extension,
     make_dreamfusion_system,

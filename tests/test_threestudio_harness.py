@@ -18,8 +18,9 @@ threestudio = require_threestudio()  # module-level skip with the reason when un
 import nerfacc  # noqa: E402
 import torch  # noqa: E402
 from nerfacc.grid import _ray_aabb_intersect as nerfacc_python_ray_aabb_intersect  # noqa: E402
-from threestudio_support.nerfacc_cpu import CALLS, installed  # noqa: E402
-from threestudio_support.system import fit_steps, make_dreamfusion_system  # noqa: E402
+
+from threestudio_perpneg.threestudio_cpu.nerfacc_cpu import CALLS, installed  # noqa: E402
+from threestudio_perpneg.threestudio_cpu.system import fit_steps, make_dreamfusion_system  # noqa: E402
 
 pytestmark = pytest.mark.threestudio
 

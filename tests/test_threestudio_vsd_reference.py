@@ -27,7 +27,8 @@ from threestudio_support.fixtures import require_threestudio
 threestudio = require_threestudio()  # module-level skip with the reason when unavailable
 
 import torch  # noqa: E402
-from threestudio_support.system import load_custom_extension  # noqa: E402
+
+from threestudio_perpneg.threestudio_cpu.system import load_custom_extension  # noqa: E402
 
 pytestmark = [pytest.mark.threestudio, pytest.mark.usefixtures("one_cpu_thread")]
 

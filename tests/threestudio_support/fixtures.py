@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .stubs import ThreestudioUnavailable, import_threestudio
+from threestudio_perpneg.threestudio_cpu.stubs import ThreestudioUnavailable, import_threestudio
 
 __all__ = [
     "nerfacc_cpu_calls",
@@ -57,7 +57,7 @@ def threestudio_workdir(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch)
 def nerfacc_cpu_calls() -> Iterator[Any]:
     """Installs the nerfacc CPU doubles for one test; yields the call counter (a `collections.Counter`)."""
     pytest.importorskip("nerfacc")
-    from .nerfacc_cpu import installed
+    from threestudio_perpneg.threestudio_cpu.nerfacc_cpu import installed
 
     with installed() as calls:
         yield calls

@@ -1,4 +1,4 @@
-"""Build and train a real threestudio lift-3D system on CPU (test-only).
+"""Build and train a real threestudio lift-3D system on CPU.
 
 launch.py cannot run on CPU (it hard-codes `accelerator="gpu"`), so these helpers do its job:
 load a threestudio YAML through `threestudio.utils.config.load_config`, make it CPU-friendly, build the
@@ -189,7 +189,7 @@ def make_dreamfusion_system(
     workdir = pathlib.Path(tmpdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     model = str(pathlib.Path(model_path).absolute())
-    raw = OmegaConf.load(config_path)
+    raw = OmegaConf.load(str(config_path))
     preview = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
     fields = {
         part: _config_fields(threestudio, OmegaConf.select(preview, f"system.{part}_type"))

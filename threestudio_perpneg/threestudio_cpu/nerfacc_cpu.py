@@ -1,4 +1,4 @@
-"""Pure-torch test double for the CUDA-only kernels of nerfacc 0.5.x (test-only).
+"""Pure-torch test double for the CUDA-only kernels of nerfacc 0.5.x.
 
 nerfacc's Python API (`nerfacc.scan`, `nerfacc.pdf`, `nerfacc.grid`, the estimators, `volrend`) calls its
 compiled kernels through the module `nerfacc.cuda` (imported there as `_C`) by attribute lookup, so replacing
@@ -359,8 +359,9 @@ def install() -> Callable[[], None]:
         for module in list(sys.modules.values()):
             if module is not None and getattr(module, "pack_info", None) is original_pack_info:
                 undo.append((module, "pack_info", original_pack_info))
-                module.pack_info = pack_info
-    assert nerfacc.pack_info is pack_info
+                module.pack_info = pack_info  # type: ignore[attr-defined]
+    if nerfacc.pack_info is not pack_info:
+        raise RuntimeError("nerfacc_cpu: nerfacc.pack_info could not be replaced")
 
     def _undo() -> None:
         for module, attr, old in reversed(undo):

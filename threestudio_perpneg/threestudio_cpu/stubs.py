@@ -1,4 +1,4 @@
-"""Import the real threestudio on a CPU-only machine (test-only).
+"""Import the real threestudio on a CPU-only machine.
 
 threestudio imports a few CUDA-only or optional packages at module level
 (`tinycudann`, `nvdiffrast.torch`, `controlnet_aux`, `torchvision`). On a CPU
@@ -105,11 +105,11 @@ def _no_op(*_args: Any, **_kwargs: Any) -> None:
 
 def _make_stand_in_module(name: str) -> types.ModuleType:
     module = types.ModuleType(
-        name, f"Test stand-in for {name!r} (see tests/threestudio_support/stubs.py)."
+        name, f"Test stand-in for {name!r} (see threestudio_perpneg/threestudio_cpu/stubs.py)."
     )
     module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
     module.__path__ = []  # a package, so `import name.sub` looks in sys.modules
-    module.__stand_in__ = True
+    module.__stand_in__ = True  # type: ignore[attr-defined]
     top = name.split(".", 1)[0]
 
     def __getattr__(attr: str) -> Any:
@@ -191,7 +191,7 @@ def patch_get_device(device_fn: Any = _cpu_device) -> int:
             continue
         current = getattr(module, "get_device", None)
         if callable(current) and current is not device_fn:
-            module.get_device = device_fn
+            module.get_device = device_fn  # type: ignore[attr-defined]
             patched += 1
     return patched
 

@@ -21,11 +21,13 @@ from threestudio_perpneg.core.conditioning import StepConditioning
 from threestudio_perpneg.core.controls import (
     PerpNegControls,
     apply_controls,
+    check_eval_prob,
     check_fraction_window,
     check_sampling,
     check_t_range,
     check_weight_scale,
     gate_negatives,
+    keep_negatives,
     resolve_schedule,
     sample_one_negative,
     scale_negatives,
@@ -303,6 +305,63 @@ def test_apply_controls_draws_after_the_step_from_its_generator() -> None:
     # Gating first: a sample outside the window keeps no negative, so its draw picks nothing.
     gated = apply_controls(cond, t, 1000, PerpNegControls(t_range=(0.5, 1.0), sampling="one"), g)
     assert gated.negative_index.tolist() == [1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    per=st.lists(st.lists(st.floats(-4.0, -0.01), min_size=0, max_size=3), min_size=1, max_size=3),
+    p=st.floats(0.05, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_eval_prob_keeps_each_sample_with_p_and_is_unbiased(per, p, seed) -> None:
+    """E over the keep draw of ε̂ is the ``all`` result (by hand), per sample: kept with
+    probability p at weights w / p, else plain CFG on the positive."""
+    preds = Preds(per, seed=seed)
+    cond = make_cond(per)
+    b = len(per)
+    kept = keep_negatives(cond, p, torch.zeros(b, dtype=torch.float64))  # every u < p
+    dropped = keep_negatives(cond, p, torch.ones(b, dtype=torch.float64))  # no u < p
+    if p < 1.0:
+        assert dropped.negative.shape[0] == 0
+    for s, ws in enumerate(per):
+        mine = (kept.negative_index == s).nonzero(as_tuple=True)[0]
+        got = sorted(float(w) for w in kept.negative_weight[mine])
+        assert got == pytest.approx(sorted(w / p for w in ws), rel=1e-12)
+        full = preds.reference(s, list(enumerate(ws)))
+        plain = preds.reference(s, [])
+        hand = p * preds.reference(s, [(k, w / p) for k, w in enumerate(ws)]) + (1 - p) * (
+            full if p == 1.0 else plain
+        )
+        expect = p * preds.guided(kept)[s] + (1 - p) * preds.guided(dropped)[s]
+        torch.testing.assert_close(expect, full, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(hand, full, rtol=1e-9, atol=1e-9)
+
+
+def test_eval_prob_mixes_samples_and_draws_after_one_from_the_generator() -> None:
+    per = [[-2.0, -0.5], [-1.0, -1.0, -1.0], [-0.7]]
+    cond, t = make_cond(per), torch.tensor([300, 600, 900])
+    # Sample 0 draws u = 0.1 < 0.5 (kept), sample 1 u = 0.5 (not < p: dropped), sample 2 kept.
+    half = keep_negatives(cond, 0.5, torch.tensor([0.1, 0.5, 0.49], dtype=torch.float64))
+    assert half.negative_index.tolist() == [0, 0, 2]
+    assert half.negative_weight.tolist() == [-4.0, -1.0, -1.4]
+    assert keep_negatives(cond, 1.0, torch.ones(3, dtype=torch.float64)) is cond
+    g = torch.Generator().manual_seed(5)
+    got = apply_controls(cond, t, 1000, PerpNegControls(sampling="one", eval_prob=0.25), g)
+    ref = torch.Generator().manual_seed(5)
+    u_one = torch.rand(3, generator=ref, dtype=torch.float64)
+    u_keep = torch.rand(3, generator=ref, dtype=torch.float64)
+    expected = keep_negatives(sample_one_negative(cond, u_one), 0.25, u_keep)
+    assert torch.equal(got.negative, expected.negative)
+    assert torch.equal(got.negative_weight, expected.negative_weight)
+    assert got.branches == 2 * 3 + int((u_keep < 0.25).sum())
+    assert torch.equal(g.get_state(), ref.get_state())  # two draws per step, no more
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "half", True, None])
+def test_eval_prob_errors_name_the_key_and_value(bad) -> None:
+    msg = raises_naming(lambda: check_eval_prob(bad), "perp_neg_eval_prob", repr(bad), "0 < p <= 1")
+    assert "\n" not in msg
+    raises_naming(lambda: PerpNegControls(eval_prob=bad), "perp_neg_eval_prob", repr(bad))
 
 
 def test_step_window_counts_steps_as_diffusers_guiders() -> None:

@@ -119,6 +119,34 @@ def test_keys_load_and_update_step_resolves_with_threestudios_c(
     assert math.isfinite(float(loss.detach()))
 
 
+@pytest.mark.parametrize("name", [SD, IF, VSD])
+def test_eval_prob_keeps_a_samples_negative_with_probability_p(
+    name: str, tiny_sd_path: Path, tiny_if_path: Path, workdir: Path
+) -> None:
+    """``perp_neg_eval_prob: 0.5`` with ``one``: each call evaluates 2 rows per sample plus one
+    per sample whose keep draw came out below p, so between 2B and 3B rows, and over a few calls
+    both kept and dropped samples occur (the draws are the seeded generator's)."""
+    model = tiny_if_path if name == IF else tiny_sd_path
+    cfg = {**CONTROLS, "perp_neg_weight_scale": 1.0, "perp_neg_eval_prob": 0.5}
+    guidance = _guidance(name, model, seed=0, **cfg)
+    assert guidance.perp_neg_controls.eval_prob == 0.5
+    prompt_utils = _processor(name, model)
+    el = torch.tensor([0.0, 10.0, 5.0])
+    az = torch.tensor([10.0, 100.0, 170.0])
+    batch = {"elevation": el, "azimuth": az, "camera_distances": torch.full_like(el, 1.5)}
+    if name == VSD:
+        g = torch.Generator().manual_seed(0)
+        batch.update(
+            mvp_mtx=torch.randn(3, 4, 4, generator=g), c2w=torch.randn(3, 4, 4, generator=g)
+        )
+    branches = []
+    for _ in range(4):
+        out = guidance(torch.rand(3, 32, 32, 3), prompt_utils, **batch, rgb_as_latents=False)
+        branches.append(out["perp_neg_branches"])
+    assert all(6 <= b <= 9 for b in branches), branches
+    assert sum(branches) - 6 * 4 not in (0, 12), branches  # some kept, some dropped
+
+
 def test_epoch_schedule_agrees_with_c(tiny_sd_path: Path) -> None:
     schedule = [0, 2.0, 0.0, 4.0]  # a float end step counts epochs, as in threestudio
     guidance = _guidance(SD, tiny_sd_path, perp_neg_weight_scale=schedule)
@@ -138,6 +166,8 @@ def test_epoch_schedule_agrees_with_c(tiny_sd_path: Path) -> None:
         ({"perp_neg_t_range": [0.9, 0.1]}, "perp_neg_t_range"),
         ({"perp_neg_t_range": [0.0, 1.5]}, "perp_neg_t_range"),
         ({"perp_neg_sampling": "two"}, "perp_neg_sampling"),
+        ({"perp_neg_eval_prob": 0.0}, "perp_neg_eval_prob"),
+        ({"perp_neg_eval_prob": 1.5}, "perp_neg_eval_prob"),
     ],
 )
 def test_bad_values_fail_at_configure_in_one_line(

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..core.conditioning import PromptBank, StepConditioning, step_conditioning
 from ..core.controls import (
     PerpNegControls,
+    check_eval_prob,
     check_sampling,
     check_t_range,
     check_weight_scale,
@@ -101,6 +102,10 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         #: p_i = |w_i| / sum |w_j| from the step's generator and weighted w_i / p_i (unbiased,
         #: 3 UNet rows per sample).
         perp_neg_sampling: str = "all"
+        #: Probability p in (0, 1] that a sample's negatives (after ``perp_neg_sampling``) are
+        #: evaluated, their weights divided by p (unbiased); the other samples get plain CFG. With
+        #: ``one``, 2 + p UNet rows per sample on average. Default 1 (always).
+        perp_neg_eval_prob: float = 1.0
         #: Seed of a private generator for timesteps, noise and VAE sampling (plus the DDP rank,
         #: so ranks draw different noise); None = the global RNG, seeded by threestudio.
         seed: Optional[int] = None
@@ -130,6 +135,7 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         check_weight_scale(cfg.perp_neg_weight_scale)
         self._t_range = check_t_range(cfg.perp_neg_t_range)
         self._sampling = check_sampling(cfg.perp_neg_sampling)
+        self._eval_prob = check_eval_prob(cfg.perp_neg_eval_prob)
         self.set_weight_scale(resolve_schedule(cfg.perp_neg_weight_scale, 0, 0))
 
         self.weights_dtype = torch.float16 if cfg.half_precision_weights else torch.float32
@@ -188,7 +194,10 @@ class PerpNegStableDiffusionGuidance(BaseObject):
     def set_weight_scale(self, scale: float) -> None:
         """The step's Perp-Neg controls with weight multiplier ``scale``."""
         self.perp_neg_controls = PerpNegControls(
-            weight_scale=scale, t_range=self._t_range, sampling=self._sampling
+            weight_scale=scale,
+            t_range=self._t_range,
+            sampling=self._sampling,
+            eval_prob=self._eval_prob,
         )
 
     def set_min_max_steps(

@@ -17,6 +17,11 @@ call, so a negative they remove costs no row:
   linear in the weighted perpendicular terms, E[ε̂_one] = ε̂_all exactly (an unbiased estimate at
   3 UNet rows per sample instead of 2 + K). Zero-weight negatives are never drawn, and a sample
   with a single negative is exactly the ``all`` result.
+* ``eval_prob`` p ∈ (0, 1]: each sample keeps its negatives (after ``sampling``) with probability
+  p, their weights divided by p, and otherwise gets plain classifier-free guidance on its
+  interpolated positive. Again E[ε̂] is unchanged (a Bernoulli(p)/p factor on linear terms), and
+  with ``one`` a step costs 2 + p UNet rows per sample on average: Perp-Neg near vanilla's price.
+  p = 1 draws nothing.
 
 This module imports no threestudio; the adapters validate their config keys with the ``check_*``
 functions here (one validator per control).
@@ -37,12 +42,14 @@ __all__ = [
     "SAMPLING_MODES",
     "PerpNegControls",
     "apply_controls",
+    "check_eval_prob",
     "check_fraction_window",
     "check_sampling",
     "check_t_range",
     "check_weight_scale",
     "draw_uniforms",
     "gate_negatives",
+    "keep_negatives",
     "resolve_schedule",
     "sample_one_negative",
     "scale_negatives",
@@ -152,6 +159,14 @@ def check_sampling(value: Any, key: str = "perp_neg_sampling") -> str:
     return str(value)
 
 
+def check_eval_prob(value: Any, key: str = "perp_neg_eval_prob") -> float:
+    """A probability p with 0 < p ≤ 1 (p = 0 would divide the weights by zero: use
+    ``use_perp_neg: false`` to turn the negatives off)."""
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key}: expected a probability 0 < p <= 1, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class PerpNegControls:
     """The step's Perp-Neg controls (see the module docstring).
@@ -162,11 +177,14 @@ class PerpNegControls:
         t_range: ``(lo, hi)`` fractions of the training timesteps where negatives are evaluated
             (default ``(0, 1)``: every timestep).
         sampling: ``all`` (default) or ``one`` (a single importance-sampled negative per sample).
+        eval_prob: probability p ∈ (0, 1] that a sample keeps its negatives, weights divided by
+            p (default 1: always).
     """
 
     weight_scale: float = 1.0
     t_range: Tuple[float, float] = (0.0, 1.0)
     sampling: str = "all"
+    eval_prob: float = 1.0
 
     def __post_init__(self) -> None:
         ws = check_weight_scale(self.weight_scale)
@@ -178,10 +196,16 @@ class PerpNegControls:
         object.__setattr__(self, "weight_scale", ws)
         object.__setattr__(self, "t_range", check_t_range(self.t_range))
         check_sampling(self.sampling)
+        object.__setattr__(self, "eval_prob", check_eval_prob(self.eval_prob))
 
     @property
     def is_default(self) -> bool:
-        return self.weight_scale == 1.0 and self.t_range == (0.0, 1.0) and self.sampling == "all"
+        return (
+            self.weight_scale == 1.0
+            and self.t_range == (0.0, 1.0)
+            and self.sampling == "all"
+            and self.eval_prob == 1.0
+        )
 
 
 # ------------------------------------------------------------------------------ operations
@@ -264,6 +288,19 @@ def sample_one_negative(cond: StepConditioning, u: Tensor) -> StepConditioning:
     )
 
 
+def keep_negatives(cond: StepConditioning, p: float, u: Tensor) -> StepConditioning:
+    """Sample b keeps its negatives when ``u[b] < p``, each weight divided by ``p``; the others
+    lose theirs (plain CFG on their positive). ``p = 1`` returns ``cond`` unchanged."""
+    b = cond.positive.shape[0]
+    if u.shape != (b,):
+        raise ValueError(f"u: expected one uniform per sample, shape ({b},), got {tuple(u.shape)}")
+    p = check_eval_prob(p, "p")
+    if p == 1.0 or cond.negative.shape[0] == 0:
+        return cond
+    kept = (u < p).to(cond.negative_index.device)[cond.negative_index]
+    return _keep(cond._replace(negative_weight=cond.negative_weight / p), kept)
+
+
 def apply_controls(
     cond: StepConditioning,
     t: Tensor,
@@ -271,10 +308,12 @@ def apply_controls(
     controls: Optional[PerpNegControls],
     generator: Optional[torch.Generator] = None,
 ) -> StepConditioning:
-    """Weight scale, then timestep gating, then (``one``) single-negative sampling.
+    """Weight scale, then timestep gating, then (``one``) single-negative sampling, then (p < 1)
+    the per-sample keep draw of ``eval_prob``.
 
-    ``one`` draws one uniform per sample from ``generator`` (or the global RNG), so call this after
-    the step's timestep and noise draws to keep their random stream unchanged; ``all`` draws nothing.
+    ``one`` and p < 1 each draw one uniform per sample from ``generator`` (or the global RNG), in
+    that order, so call this after the step's timestep and noise draws to keep their random stream
+    unchanged; ``all`` with p = 1 draws nothing.
     """
     if controls is None or not cond.perp_neg:
         return cond
@@ -282,6 +321,10 @@ def apply_controls(
     cond = gate_negatives(cond, t, num_train_timesteps, controls.t_range)
     if controls.sampling == "one":
         cond = sample_one_negative(cond, draw_uniforms(cond.positive.shape[0], generator))
+    if controls.eval_prob < 1.0:
+        cond = keep_negatives(
+            cond, controls.eval_prob, draw_uniforms(cond.positive.shape[0], generator)
+        )
     return cond
 
 

@@ -107,7 +107,9 @@ class Protocol3DConfig:
             evaluates negatives (default [0, 1]).
         perp_neg_sampling: ``all`` or ``one`` (one importance-sampled negative per camera,
             drawn from the object's generator after its timesteps and noise). Default all.
-            The three controls are those of :mod:`threestudio_perpneg.core.controls`; they apply
+        perp_neg_eval_prob: probability p in (0, 1] that a camera keeps its negatives, weights
+            divided by p (drawn after ``one``'s draw). Default 1.
+            The controls are those of :mod:`threestudio_perpneg.core.controls`; they apply
             to method ``ours`` only.
     """
 
@@ -133,6 +135,7 @@ class Protocol3DConfig:
     perp_neg_weight_scale: Any = 1.0
     perp_neg_t_range: Tuple[float, float] = (0.0, 1.0)
     perp_neg_sampling: str = "all"
+    perp_neg_eval_prob: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -194,14 +197,21 @@ class Protocol3DConfig:
                     raise ValueError(f"{key}: expected 0 < low <= high, got {v!r}")
                 setattr(self, key, (a, b))
 
-        from ..core.controls import check_sampling, check_t_range, check_weight_scale
+        from ..core.controls import (
+            check_eval_prob,
+            check_sampling,
+            check_t_range,
+            check_weight_scale,
+        )
 
         self.perp_neg_weight_scale = check_weight_scale(self.perp_neg_weight_scale)
         self.perp_neg_t_range = check_t_range(self.perp_neg_t_range)
         check_sampling(self.perp_neg_sampling)
+        self.perp_neg_eval_prob = check_eval_prob(self.perp_neg_eval_prob)
         if self.method != "ours" and self.has_controls:
             raise ValueError(
-                f"perp_neg_weight_scale/perp_neg_t_range/perp_neg_sampling: the controls apply "
+                f"perp_neg_weight_scale/perp_neg_t_range/perp_neg_sampling/perp_neg_eval_prob: "
+                f"the controls apply "
                 f"to method 'ours' only, got method {self.method!r}"
             )
 
@@ -224,6 +234,7 @@ class Protocol3DConfig:
             self.perp_neg_weight_scale != 1.0
             or tuple(self.perp_neg_t_range) != (0.0, 1.0)
             or self.perp_neg_sampling != "all"
+            or self.perp_neg_eval_prob != 1.0
         )
 
     def controls_at(self, step: int) -> Any:
@@ -234,6 +245,7 @@ class Protocol3DConfig:
             weight_scale=resolve_schedule(self.perp_neg_weight_scale, 0, step),
             t_range=self.perp_neg_t_range,
             sampling=self.perp_neg_sampling,
+            eval_prob=self.perp_neg_eval_prob,
         )
 
     def to_dict(self) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ __all__ = [
     "run_table3d",
     "reference_ring",
     "save_rings",
+    "table_row",
 ]
 
 PathLike = Union[str, Path]
@@ -44,7 +45,12 @@ class MethodSpec(NamedTuple):
     def label(self) -> str:
         """``method[/scheme][ key=value ...]`` for tables and pictures."""
         name = self.method + (f"/{self.scheme}" if self.scheme else "")
-        short = {"perp_neg_weight_scale": "λ", "perp_neg_t_range": "t", "perp_neg_sampling": ""}
+        short = {
+            "perp_neg_weight_scale": "λ",
+            "perp_neg_t_range": "t",
+            "perp_neg_sampling": "",
+            "perp_neg_eval_prob": "p",
+        }
         extra = " ".join(
             f"{short.get(k, k)}{'=' if short.get(k, k) else ''}{v}" for k, v in self.controls
         )
@@ -152,25 +158,30 @@ def run_table3d(
             progress=progress,
         )
         results[spec] = objects
-        acc = {v: _mean([o.view_accuracy[v] for o in objects]) for v in ("front", "side", "back")}
-        agreement = [o.identity_agreement for o in objects if o.identity_agreement is not None]
-        rows.append(
-            {
-                "method": spec.method,
-                "batch": spec.batch_size,
-                "scheme": spec.scheme,
-                "controls": {k: v for k, v in spec.controls},
-                "label": spec.label,
-                "seeds": len(objects),
-                "janus": sum(o.janus for o in objects),
-                "front_kept": sum(o.front_kept for o in objects),
-                "view_accuracy": acc,
-                "identity_agreement": _mean(agreement) if agreement else None,
-                "unet_rows_per_step": _mean([o.unet_rows_per_step for o in objects]),
-                "seconds": round(sum(o.seconds for o in objects), 1),
-            }
-        )
+        rows.append(table_row(spec, objects))
     return rows, results
+
+
+def table_row(spec: MethodSpec, objects: Sequence[ObjectResult]) -> Dict[str, Any]:
+    """One row of the 3D table from a method's objects: ``method, batch, scheme, controls, label,
+    seeds, janus`` (count), ``front_kept`` (count), ``view_accuracy`` (mean per bucket),
+    ``identity_agreement`` (mean), ``unet_rows_per_step`` (mean) and ``seconds`` (sum)."""
+    acc = {v: _mean([o.view_accuracy[v] for o in objects]) for v in ("front", "side", "back")}
+    agreement = [o.identity_agreement for o in objects if o.identity_agreement is not None]
+    return {
+        "method": spec.method,
+        "batch": spec.batch_size,
+        "scheme": spec.scheme,
+        "controls": {k: v for k, v in spec.controls},
+        "label": spec.label,
+        "seeds": len(objects),
+        "janus": sum(o.janus for o in objects),
+        "front_kept": sum(o.front_kept for o in objects),
+        "view_accuracy": acc,
+        "identity_agreement": _mean(agreement) if agreement else None,
+        "unet_rows_per_step": _mean([o.unet_rows_per_step for o in objects]),
+        "seconds": round(sum(o.seconds for o in objects), 1),
+    }
 
 
 def _mean(values: Sequence[float]) -> float:

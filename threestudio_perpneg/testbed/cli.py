@@ -20,6 +20,9 @@ Subcommands:
 * ``sweep-merge --out DIR RUN [RUN ...]``: one sweep from runs measured apart with the same
   settings (:mod:`.sweep_merge`): other levels joined, the same level on disjoint seeds summed,
   hypothesis evaluated afresh.
+* ``threestudio --out DIR [--method ...] [--seeds ...]``: the testbed through threestudio's own
+  ``dreamfusion-system`` on CPU (:mod:`.ts_cli`, :mod:`.ts_dreamfusion`; needs
+  ``THREESTUDIO_ROOT``): ``DIR/results.json`` and ``DIR/rings.png``.
 
 Bad arguments exit with code 2 and a one-line message.
 """
@@ -58,7 +61,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(
         dest="command",
-        metavar="{train,train-classifier,bias,bench,calibrate,train-levels,sweep,sweep-merge}",
+        metavar="{train,train-classifier,bias,bench,calibrate,train-levels,sweep,sweep-merge,"
+        "threestudio}",
     )
     sub.required = True
 
@@ -163,6 +167,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--no-2d", action="store_true", help="skip the 2D measurements (bias, 2D table, curve)"
     )
     _add_sweep_parsers(sub)
+    from .ts_cli import add_parser as add_threestudio_parser
+
+    add_threestudio_parser(sub)
     return parser
 
 
@@ -463,6 +470,12 @@ def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
     write_json(log, data)
 
 
+def _threestudio(ns: argparse.Namespace) -> None:
+    from .ts_cli import run
+
+    run(ns, TestbedError)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Entry point of ``testbed``; returns the exit code."""
     parser = build_parser(prog)
@@ -477,7 +490,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         "train-levels": _train_levels,
         "sweep": _sweep,
         "sweep-merge": _sweep_merge,
+        "threestudio": _threestudio,
     }[ns.command]
+    ns.argv = args
     return run_command(parser.prog, lambda: run(ns), TestbedError)
 
 

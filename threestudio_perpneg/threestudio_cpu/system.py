@@ -45,6 +45,8 @@ CPU_MLP: dict[str, Any] = {
     "n_hidden_layers": 1,
 }
 CPU_MLP_TYPES = ("VanillaMLP", "SphereInitVanillaMLP")
+#: Encodings threestudio implements in torch (kept as configured).
+CPU_ENCODINGS = ("ProgressiveBandFrequency",)
 
 # Harness defaults, applied before the caller's overrides (which win). A `system.<part>.<field>` item is
 # dropped when the configured class of that part has no such config field.
@@ -111,23 +113,32 @@ def _config_fields(threestudio: types.ModuleType, type_name: str | None) -> set[
     return set(getattr(cls.Config, "__dataclass_fields__", {}))
 
 
-def _cpu_friendly(threestudio: types.ModuleType, cfg: Any) -> None:
-    """Swaps tcnn encodings / networks in geometry, background, material and proposal network for CPU ones."""
+def _cpu_friendly(
+    threestudio: types.ModuleType,
+    cfg: Any,
+    encoding: dict[str, Any] | None = None,
+    mlp_config: dict[str, Any] | None = None,
+) -> None:
+    """Swaps tcnn encodings / networks in geometry, background, material and proposal network for
+    CPU ones (``encoding`` / ``mlp_config``, default :data:`CPU_ENCODING` / :data:`CPU_MLP`).
+    Encodings that already run on CPU (``ProgressiveBandFrequency``) and torch MLPs are kept."""
     from omegaconf import OmegaConf
 
+    encoding = dict(encoding or CPU_ENCODING)
+    mlp_config = dict(mlp_config or CPU_MLP)
     system = cfg.system
     for part in ("geometry", "background", "material"):
         fields = _config_fields(threestudio, OmegaConf.select(cfg, f"system.{part}_type"))
-        replace: dict[str, Any] = {
-            key: dict(CPU_ENCODING)
-            for key in ("pos_encoding_config", "dir_encoding_config")
-            if key in fields
-        }
+        replace: dict[str, Any] = {}
+        for key in ("pos_encoding_config", "dir_encoding_config"):
+            current = OmegaConf.select(cfg, f"system.{part}.{key}")
+            if key in fields and (current is None or current.get("otype") not in CPU_ENCODINGS):
+                replace[key] = dict(encoding)
         mlp = OmegaConf.select(cfg, f"system.{part}.mlp_network_config")
         if "mlp_network_config" in fields and (
             mlp is None or mlp.get("otype") not in CPU_MLP_TYPES
         ):
-            replace["mlp_network_config"] = dict(CPU_MLP)
+            replace["mlp_network_config"] = dict(mlp_config)
         if replace:
             if system.get(part) is None:
                 system[part] = {}
@@ -138,8 +149,8 @@ def _cpu_friendly(threestudio: types.ModuleType, cfg: Any) -> None:
         renderer["proposal_network_config"] = {
             "n_input_dims": 3,
             "n_output_dims": 1,
-            "encoding_config": dict(CPU_ENCODING),
-            "network_config": dict(CPU_MLP),
+            "encoding_config": dict(encoding),
+            "network_config": dict(mlp_config),
         }
         if renderer.get("prop_optimizer_config") is None:
             renderer["prop_optimizer_config"] = {
@@ -157,6 +168,9 @@ def make_dreamfusion_system(
     extensions: Sequence[str | os.PathLike[str]] = (),
     threestudio_root: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    harness_defaults: bool = True,
+    cpu_encoding: dict[str, Any] | None = None,
+    cpu_mlp: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """
     Builds `(system, datamodule)` from a threestudio YAML, ready for `fit_steps` on CPU.
@@ -169,6 +183,10 @@ def make_dreamfusion_system(
         extensions: custom extension folders / files to load first (e.g. `custom/threestudio-perpneg`).
         threestudio_root: checkout root; None reads `THREESTUDIO_ROOT`.
         seed: passed to `pl.seed_everything`; None uses the config's `seed`.
+        harness_defaults: apply `HARNESS_DEFAULTS` (64 px, batch 1, 32 samples per ray); false keeps
+            the YAML's sizes (the testbed runner's configs are already CPU-sized).
+        cpu_encoding / cpu_mlp: what replaces a tcnn encoding / network (default `CPU_ENCODING` /
+            `CPU_MLP`).
 
     The harness forces fp32 guidance weights, in-process prompt embedding (`spawn: false`),
     `exp_root_dir` under `tmpdir`, and CPU encodings (`CPU_ENCODING` / `CPU_MLP`); it defaults to 64x64
@@ -207,7 +225,7 @@ def make_dreamfusion_system(
         return key not in user_keys and OmegaConf.select(raw, key, throw_on_missing=False) is None
 
     harness = [
-        *HARNESS_DEFAULTS,
+        *(HARNESS_DEFAULTS if harness_defaults else ()),
         f"system.guidance.pretrained_model_name_or_path={model}",
         f"system.prompt_processor.pretrained_model_name_or_path={model}",
         "system.guidance.half_precision_weights=false",
@@ -223,7 +241,7 @@ def make_dreamfusion_system(
 
     # Whole sub-configs (encodings, networks) are replaced in a copy of the YAML; values go via cli_args.
     preview = OmegaConf.merge(raw, OmegaConf.from_dotlist(cli_args))
-    _cpu_friendly(threestudio, preview)
+    _cpu_friendly(threestudio, preview, cpu_encoding, cpu_mlp)
     for part in ("geometry", "background", "material", "renderer"):
         if OmegaConf.select(preview, f"system.{part}") is not None:
             raw.system[part] = preview.system[part]
@@ -241,12 +259,19 @@ def make_dreamfusion_system(
     return system, datamodule
 
 
-def fit_steps(system: Any, datamodule: Any, n_steps: int, **trainer_kwargs: Any) -> list[float]:
+def fit_steps(
+    system: Any,
+    datamodule: Any,
+    n_steps: int,
+    callbacks: Sequence[Any] = (),
+    **trainer_kwargs: Any,
+) -> list[float]:
     """
     Trains `system` for `n_steps` optimizer steps on CPU and returns the per-step training losses.
 
     Runs inside the system's working directory (see `make_dreamfusion_system`). `trainer_kwargs` override
-    the CPU defaults of `pl.Trainer`; the trainer stays reachable as `system.trainer`.
+    the CPU defaults of `pl.Trainer`; `callbacks` are Lightning callbacks added to the loss recorder;
+    the trainer stays reachable as `system.trainer`.
     """
     import pytorch_lightning as pl
 
@@ -274,7 +299,7 @@ def fit_steps(system: Any, datamodule: Any, n_steps: int, **trainer_kwargs: Any)
         "limit_val_batches": 0,
         "log_every_n_steps": 1,
         "default_root_dir": workdir,
-        "callbacks": [_RecordLoss()],
+        "callbacks": [_RecordLoss(), *callbacks],
     }
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(**kwargs)

@@ -163,6 +163,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--no-2d", action="store_true", help="skip the 2D measurements (bias, 2D table, curve)"
     )
     _add_sweep_parsers(sub)
+    from ..commands.quiet import VERBOSE_HELP, add_verbose_argument
+
+    # --verbose before or after the subcommand, as every command takes it (its own dest at the
+    # top: a subparser's default would overwrite a shared one).
+    parser.add_argument("--verbose", dest="verbose_top", action="store_true", help=VERBOSE_HELP)
+    for subparser in sub.choices.values():
+        add_verbose_argument(subparser)
     return parser
 
 

@@ -157,3 +157,35 @@ def test_every_config_field_is_documented() -> None:
     vsd = next(c for c in configs if c.name == "perpneg-stable-diffusion-vsd-guidance")
     assert vsd.parent_name == "perpneg-stable-diffusion-guidance"
     assert {f.name: f.default for f in vsd.fields}["guidance_scale"] == "7.5"
+
+
+def test_readme_is_one_screen_with_both_set_up_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150
+    chains = [line for body in _blocks(readme) for line in body.splitlines() if " && " in line]
+    demo = [c for c in chains if "threestudio_perpneg demo" in c]
+    tests = [c for c in chains if "pytest" in c]
+    assert len(demo) == 1 and len(tests) == 1, chains
+    # The test command is the one .ci/run runs (its install step is make_env there).
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for part in (
+        "pip install torch==2.13.0",
+        'pip install -e ".[test]"',
+        "python -m pytest -q -rs",
+    ):
+        assert part in tests[0]
+    assert "torch==2.13.0" in ci and '-e ".[test]"' in ci and "-m pytest -q -rs" in ci
+
+
+def test_user_pages_carry_no_internal_references() -> None:
+    """No internal issue numbers or lab notes in the README and the user pages."""
+    pattern = re.compile(
+        r"\bissue \d+|\bissue #?\d+|threestudio #\d+|load average|no GPU was", re.I
+    )
+    hits = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for path in DOC_FILES
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert hits == []

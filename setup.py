@@ -3,6 +3,9 @@ from setuptools import find_packages, setup
 SWEEP = ["hydra-core>=1.3,<1.4", "hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2"]
 EVAL = ["matplotlib", *SWEEP]
 TEST = ["pytest", "hypothesis", *EVAL]
+#: threestudio_perpneg.guiders (Modular Diffusers guider) needs diffusers' guiders API.
+GUIDER = ["diffusers>=0.35"]
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
 setup(
     name="threestudio-perpneg",
@@ -52,6 +55,8 @@ setup(
         "sweep": SWEEP,
         "open_clip": ["open_clip_torch"],
         "deepfloyd": ["sentencepiece", "protobuf"],
+        "guider": GUIDER,
+        "docs": DOCS,
         "test": TEST,
         "dev": [*TEST, "ruff", "mypy"],
     },

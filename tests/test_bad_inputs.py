@@ -166,7 +166,7 @@ MISSING_ROWS: Dict[str, Tuple[Tuple[str, ...], str, int, Tuple[str, ...]]] = {
         ("sweep", "dry_run=true"),
         "hydra",
         2,
-        ("hydra-core", 'pip install "threestudio-perpneg[sweep]"'),
+        ("hydra-core", 'pip install -e ".[sweep]"'),
     ),
 }
 

@@ -36,6 +36,7 @@ from threestudio_perpneg.tiny.modular import build_tiny_sdxl_modular
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS_GUIDER = README.parent / "docs" / "guider.md"
 
 
 def _preds(batch: int = 4, k: int = 2, seed: int = 0) -> List[torch.Tensor]:
@@ -257,16 +258,37 @@ LOAD_LINES = (
 )
 
 
-def test_readme_example_runs(tiny_dir: Path) -> None:
-    text = README.read_text(encoding="utf-8")
-    section = text.split("## Perp-Neg in diffusers", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
-    assert LOAD_LINES in code, "the README example's loading lines changed: update this test"
+def _python_block(path: Path, needle: str) -> str:
+    """The first ```python block of ``path`` that contains ``needle``."""
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+    found = [code for code in blocks if needle in code]
+    assert found, f"{path.name}: no python example containing {needle!r}"
+    return found[0]
+
+
+@pytest.mark.parametrize("doc", [README, DOCS_GUIDER], ids=["README", "docs-guider"])
+def test_readme_example_runs(doc: Path, tiny_dir: Path) -> None:
+    """The guider example of the README and of the docs' guider page runs on a tiny SDXL pipeline."""
+    code = _python_block(doc, "add_perp_neg(")
+    assert LOAD_LINES in code, f"{doc.name}: the example's loading lines changed: update this test"
     code = code.replace(
         LOAD_LINES,
         f"from threestudio_perpneg.tiny.modular import build_tiny_sdxl_modular\n"
         f"pipe = build_tiny_sdxl_modular({str(tiny_dir)!r}, blocks=blocks)\n",
     )
     scope: Dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, doc.name, "exec"), scope)
     assert len(scope["images"]) == 2 and all(im.size == (64, 64) for im in scope["images"])
+
+
+def test_docs_save_load_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The save / load example of the docs' guider page round-trips the settings."""
+    monkeypatch.chdir(tmp_path)
+    scope: Dict[str, Any] = {"PerpNegGuidance": PerpNegGuidance}
+    exec(compile(_python_block(DOCS_GUIDER, "save_pretrained"), "guider.md", "exec"), scope)
+    guider = scope["guider"]
+    assert (guider.guidance_scale, guider.negative_weights, guider._start) == (
+        6.0,
+        [-1.0, -0.25],
+        0.1,
+    )

@@ -129,3 +129,28 @@ def test_verbose_flag_placement(
         assert "argument --steps" in capsys.readouterr().err
     assert perpneg_2d(["a corgi", "--verbose", "--steps", "0"]) == 2  # the console script
     assert "argument --steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--verbose", "testbed", "train", "--out", "OUT"],
+        ["testbed", "--verbose", "train", "--out", "OUT"],
+        ["testbed", "train", "--out", "OUT", "--verbose"],
+        ["--verbose", "testbed", "sweep-merge", "--out", "OUT", "run_a"],
+        ["testbed", "sweep-merge", "--verbose", "--out", "OUT", "run_a"],
+    ],
+)
+def test_testbed_takes_verbose_before_or_after(
+    argv: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``testbed`` takes ``--verbose`` wherever every other command does (nothing is run here)."""
+    from threestudio_perpneg.testbed import cli
+
+    seen = []
+    for name in ("_train", "_sweep_merge"):
+        monkeypatch.setattr(cli, name, lambda ns: seen.append(ns.command) or 0)
+    argv = [str(tmp_path / a) if a == "OUT" else a for a in argv]
+    assert main(argv) == 0
+    subcommand = [a for a in argv[argv.index("testbed") + 1 :] if not a.startswith("--")][0]
+    assert seen == [subcommand]

@@ -79,6 +79,7 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         weighting_strategy: str = "sds"
         #: ToMe token merging via tomesd (optional dependency).
         token_merging: bool = False
+        #: Keyword arguments of ``tomesd.apply_patch`` (e.g. ``ratio``); {} = tomesd's defaults.
         token_merging_params: Optional[dict] = field(default_factory=dict)
         #: Condition on the camera's view (required for view negatives).
         view_dependent_prompting: bool = True

@@ -47,7 +47,9 @@ class PerpNegStableDiffusionVSDGuidance(BaseModule, PerpNegStableDiffusionGuidan
         guidance_scale_lora: float = 1.0
         #: Zero the camera for 10% of the LoRA's training steps (classifier-free camera guidance).
         lora_cfg_training: bool = True
+        #: Timesteps drawn per render for the LoRA's loss (loss_lora) each step.
         lora_n_timestamp_samples: int = 1
+        #: Rank of the LoRA layers of the camera-conditioned copy (>= 1).
         lora_rank: int = 4
         #: ``extrinsics`` (c2w) or ``mvp``.
         camera_condition_type: str = "extrinsics"

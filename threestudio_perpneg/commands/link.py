@@ -38,6 +38,7 @@ __all__ = [
     "shipped_configs",
     "is_threestudio_checkout",
     "link_into",
+    "build_parser",
     "main",
 ]
 
@@ -261,11 +262,12 @@ def link_into(
 
 
 # -------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``link`` parser (``prog`` names the program in its messages)."""
     from .common import OneLineParser  # one-line usage errors, as every command
 
     parser = OneLineParser(
-        prog="threestudio-perpneg link",
+        prog=prog or "threestudio-perpneg link",
         description=(
             "Install the Perp-Neg plugin into a threestudio checkout: write "
             "custom/threestudio-perpneg/__init__.py and copy (or symlink) the shipped "
@@ -292,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     subcommand; default ``sys.argv[1:]``, for ``python -m threestudio_perpneg.commands.link ROOT``). Errors
     print one line to stderr and return 2; ``--help`` returns 0.
     """
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse usage errors (2) and --help (0)

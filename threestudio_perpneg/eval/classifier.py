@@ -265,8 +265,8 @@ def _import_open_clip() -> Any:
         import open_clip
     except ImportError as err:
         raise ImportError(
-            "backend='open_clip' needs the open_clip package (pip install "
-            '"threestudio-perpneg[open_clip]", i.e. open_clip_torch); '
+            "backend='open_clip' needs the open_clip package (pip install open_clip_torch; "
+            'in the clone: pip install -e ".[open_clip]"); '
             "it is not installed (use backend='transformers' for CLIPModel checkpoints)"
         ) from err
     return open_clip

@@ -138,7 +138,7 @@ class PerpNegSampler:
                 built from the checkpoint's scheduler config.
             torch_dtype (`torch.dtype` or `str`, defaults to `torch.float32`): ``torch.float16`` on
                 a GPU halves memory; guidance is still combined in float32.
-            device (`str` or `torch.device`, defaults to ``"cpu"``).
+            device (`str` or `torch.device`, defaults to ``"cpu"``): where the pipeline runs.
 
         Raises:
             `FileNotFoundError`: naming ``model`` when a local folder is missing or the checkpoint
@@ -355,7 +355,9 @@ class PerpNegSampler:
             scheme (`str`, defaults to ``"threestudio"``): view-negative weight scheme.
             view_weights (`Mapping[str, float]`, *optional*): e.g. ``{"front": -2.0, "side": -0.5}``
                 replaces the scheme's view negatives (views not named get weight 0).
-            extra_prompts, weights, mode: as in :meth:`generate`.
+            extra_prompts (`Sequence[str]`, *optional*): as in :meth:`generate`.
+            weights (`Sequence[float]`, *optional*): as in :meth:`generate`.
+            mode (`str`, defaults to ``"perpneg"``): as in :meth:`generate`.
             **generate_kwargs: ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
                 ``height``, ``width``, ``seeds``, ``eta``, ``progress``, ``perp_neg_start``,
                 ``perp_neg_stop`` as in :meth:`generate`.

@@ -141,8 +141,8 @@ def plot_calibration(points: Sequence[Dict[str, Any]], path: PathLike) -> None:
         import matplotlib
     except ImportError:
         raise ImportError(
-            "calibration.png: matplotlib is needed for the plot (pip install "
-            "'threestudio-perpneg[eval]')"
+            "calibration.png: matplotlib is needed for the plot (in the clone: "
+            "pip install -e '.[eval]')"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

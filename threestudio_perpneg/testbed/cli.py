@@ -170,6 +170,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from .ts_cli import add_parser as add_threestudio_parser
 
     add_threestudio_parser(sub)
+    from ..commands.quiet import VERBOSE_HELP, add_verbose_argument
+
+    # --verbose before or after the subcommand, as every command takes it (its own dest at the
+    # top: a subparser's default would overwrite a shared one).
+    parser.add_argument("--verbose", dest="verbose_top", action="store_true", help=VERBOSE_HELP)
+    for subparser in sub.choices.values():
+        add_verbose_argument(subparser)
     return parser
 
 

@@ -15,8 +15,8 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError:
         raise ImportError(
-            "sweep.png: matplotlib is needed for the sweep pictures (pip install "
-            "'threestudio-perpneg[eval]')"
+            "sweep.png: matplotlib is needed for the sweep pictures (in the clone: "
+            "pip install -e '.[eval]')"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

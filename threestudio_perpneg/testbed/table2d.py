@@ -535,7 +535,7 @@ def plot_negative_weight_curve(
     a PNG written atomically (matplotlib's Agg backend). Returns ``path``.
 
     Raises:
-        ImportError: matplotlib is missing (``pip install 'threestudio-perpneg[eval]'``).
+        ImportError: matplotlib is missing (in the clone: ``pip install -e '.[eval]'``).
         ValueError: ``rows`` is empty or a row lacks ``mode`` / ``weight`` / ``rate`` /
             ``interval``.
     """
@@ -549,8 +549,8 @@ def plot_negative_weight_curve(
         import matplotlib
     except ImportError:
         raise ImportError(
-            "negative-weight curve: matplotlib is needed for the plot (pip install "
-            "'threestudio-perpneg[eval]')"
+            "negative-weight curve: matplotlib is needed for the plot (in the clone: "
+            "pip install -e '.[eval]')"
         ) from None
 
     matplotlib.use("Agg")

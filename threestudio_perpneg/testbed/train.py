@@ -191,14 +191,14 @@ def plot_loss(steps: List[int], losses: List[float], path: Path, title: str) -> 
     """The loss curve as a PNG (matplotlib's Agg backend), written atomically.
 
     Raises:
-        ImportError: matplotlib is missing (``pip install threestudio-perpneg[eval]``).
+        ImportError: matplotlib is missing (in the clone: ``pip install -e '.[eval]'``).
     """
     try:
         import matplotlib
     except ImportError:
         raise ImportError(
-            "loss.png: matplotlib is needed for the loss curve (pip install "
-            "'threestudio-perpneg[eval]')"
+            "loss.png: matplotlib is needed for the loss curve (in the clone: "
+            "pip install -e '.[eval]')"
         ) from None
 
     matplotlib.use("Agg")
@@ -263,8 +263,8 @@ def train_prior(
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
-            "loss.png: matplotlib is needed for the loss curve (pip install "
-            "'threestudio-perpneg[eval]')"
+            "loss.png: matplotlib is needed for the loss curve (in the clone: "
+            "pip install -e '.[eval]')"
         ) from None
     target = Path(out).expanduser().absolute()
     if _is_occupied(target) and not overwrite:

@@ -300,7 +300,7 @@ def write_reports(
         except ImportError:
             print(
                 f"warning: matplotlib is not installed; {PNG_NAME} not drawn "
-                '(pip install "threestudio-perpneg[eval]")',
+                '(in the clone: pip install -e ".[eval]")',
                 file=sys.stderr,
             )
             report["chart"] = None

@@ -183,7 +183,7 @@ def write_reports(
             import matplotlib  # noqa: F401
         except ImportError:
             raise ImportError(
-                'plots: matplotlib is not installed (pip install "threestudio-perpneg[eval]"), or '
+                'plots: matplotlib is not installed (in the clone: pip install -e ".[eval]"), or '
                 "skip the plots "
                 f"(--no-plots / plots=False); the JSON and CSV reports are in {out}"
             ) from None

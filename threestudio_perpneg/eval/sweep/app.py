@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     except ImportError:
         print(
             f"{PROG}: error: the sweep needs hydra-core and its launchers, which are not "
-            'installed (pip install "threestudio-perpneg[sweep]")',
+            'installed (in the clone: pip install -e ".[sweep]")',
             file=sys.stderr,
         )
         return 2

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
-__all__ = ["SIZE_KEYS", "merge_sweeps", "merge_level"]
+__all__ = ["SIZE_KEYS", "merge_3d_row", "merge_sweeps", "merge_level"]
 
 PathLike = Union[str, Path]
 
@@ -73,7 +73,9 @@ def _merge_2d_cell(a: Dict[str, Any], b: Dict[str, Any], interval_key: str) -> D
     return out
 
 
-def _merge_3d_row(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+def merge_3d_row(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """Two 3D table rows of one method on disjoint seeds: counts summed, means weighted by seeds
+    (intervals are not recomputed: see :func:`.bench.add_intervals`)."""
     na, nb = a["seeds"], b["seeds"]
     out = dict(a)
     for k in ("seeds", "janus", "front_kept"):
@@ -84,6 +86,10 @@ def _merge_3d_row(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     }
     for k in ("identity_agreement", "unet_rows_per_step"):
         out[k] = _weighted(a[k], na, b[k], nb)
+    if "seconds_per_step" in a and "seconds_per_step" in b:  # rows of testbed threestudio
+        out["seconds_per_step"] = round(
+            _weighted(a["seconds_per_step"], na, b["seconds_per_step"], nb), 4
+        )
     out["seconds"] = round(a["seconds"] + b["seconds"], 1)
     return out
 
@@ -128,7 +134,7 @@ def merge_level(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
         for x, y in _match(a["table2d"], b["table2d"], cell_key, "table2d")
     ]
     table3d = [
-        _merge_3d_row(x, y)
+        merge_3d_row(x, y)
         for x, y in _match(
             a["table3d"], b["table3d"], lambda r: (r["label"], r["batch"]), "table3d"
         )

@@ -157,6 +157,7 @@ def make_dreamfusion_system(
     extensions: Sequence[str | os.PathLike[str]] = (),
     threestudio_root: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    resumed: bool = False,
 ) -> tuple[Any, Any]:
     """
     Builds `(system, datamodule)` from a threestudio YAML, ready for `fit_steps` on CPU.
@@ -169,6 +170,7 @@ def make_dreamfusion_system(
         extensions: custom extension folders / files to load first (e.g. `custom/threestudio-perpneg`).
         threestudio_root: checkout root; None reads `THREESTUDIO_ROOT`.
         seed: passed to `pl.seed_everything`; None uses the config's `seed`.
+        resumed: passed to the system as launch.py does for `resume=` (then `fit_steps(..., ckpt_path=)`).
 
     The harness forces fp32 guidance weights, in-process prompt embedding (`spawn: false`),
     `exp_root_dir` under `tmpdir`, and CPU encodings (`CPU_ENCODING` / `CPU_MLP`); it defaults to 64x64
@@ -234,19 +236,30 @@ def make_dreamfusion_system(
         cfg = load_config(str(cpu_yaml), cli_args=cli_args, n_gpus=1)
         pl.seed_everything(cfg.seed if seed is None else seed, workers=True)
         datamodule = threestudio.find(cfg.data_type)(cfg.data)
-        system = threestudio.find(cfg.system_type)(cfg.system, resumed=False)
+        system = threestudio.find(cfg.system_type)(cfg.system, resumed=resumed)
     system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
     system._harness_workdir = str(workdir)
     system._harness_cfg = cfg
     return system, datamodule
 
 
-def fit_steps(system: Any, datamodule: Any, n_steps: int, **trainer_kwargs: Any) -> list[float]:
+def fit_steps(
+    system: Any,
+    datamodule: Any,
+    n_steps: int,
+    *,
+    ckpt_path: str | os.PathLike[str] | None = None,
+    **trainer_kwargs: Any,
+) -> list[float]:
     """
-    Trains `system` for `n_steps` optimizer steps on CPU and returns the per-step training losses.
+    Trains `system` until global step `n_steps` on CPU and returns the per-step training losses.
+
+    `ckpt_path` resumes from a Lightning checkpoint as launch.py's `resume=` does
+    (`trainer.fit(..., ckpt_path=)`; build the system with `resumed=True`): training continues from
+    the checkpoint's global step up to `n_steps`.
 
     Runs inside the system's working directory (see `make_dreamfusion_system`). `trainer_kwargs` override
-    the CPU defaults of `pl.Trainer`; the trainer stays reachable as `system.trainer`.
+    the CPU defaults of `pl.Trainer` (`callbacks` are added to the loss recorder); the trainer stays reachable as `system.trainer`.
     """
     import pytorch_lightning as pl
 
@@ -276,9 +289,13 @@ def fit_steps(system: Any, datamodule: Any, n_steps: int, **trainer_kwargs: Any)
         "default_root_dir": workdir,
         "callbacks": [_RecordLoss()],
     }
+    extra_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
     kwargs.update(trainer_kwargs)
+    kwargs["callbacks"] = [*kwargs["callbacks"], *extra_callbacks]
     trainer = pl.Trainer(**kwargs)
     with working_directory(workdir):
         system.train()  # pytorch-lightning >= 2.2 no longer does this before fit; the estimators need it
-        trainer.fit(system, datamodule=datamodule)
+        trainer.fit(
+            system, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path)
+        )
     return losses

@@ -352,18 +352,24 @@ def test_resumed_run_matches_the_uninterrupted_run_step_by_step(
 
 
 @pytest.mark.parametrize(
-    "guidance", ["stable-diffusion-guidance", "perpneg-stable-diffusion-guidance"]
+    "guidance,seed",
+    [
+        ("stable-diffusion-guidance", None),
+        ("perpneg-stable-diffusion-guidance", None),
+        ("perpneg-stable-diffusion-guidance", 5),
+    ],
 )
 def test_threestudio_alone_does_not_restore_its_rngs(
-    guidance: str, tiny_sd_path: Path, tmp_path: Path
+    guidance: str, seed: Optional[int], tiny_sd_path: Path, tmp_path: Path
 ) -> None:
     """Without any control of threestudio's randomness: its camera batches are not resumed (the
     resumed run draws step 0's cameras again at the checkpoint's step), nor are the timesteps of
-    its own guidance (global RNG); our seeded guidance draws the uninterrupted run's timesteps."""
+    a guidance drawing from the global RNG (threestudio's, or ours without ``seed``); our guidance
+    with ``seed`` draws the uninterrupted run's timesteps."""
     config = Path(threestudio.__file__).resolve().parents[1] / "configs" / "dreamfusion-sd.yaml"
     overrides = [*SMALL, f"system.guidance_type={guidance}"]
-    if guidance.startswith("perpneg"):
-        overrides.append("system.guidance.seed=5")
+    if seed is not None:
+        overrides.append(f"system.guidance.seed={seed}")
 
     full = StepRecorder(control_threestudio=False)
     _run(config, tiny_sd_path, tmp_path / "full", overrides, full)
@@ -378,8 +384,43 @@ def test_threestudio_alone_does_not_restore_its_rngs(
     # threestudio: the checkpoint's step gets the cameras of step 0, not those of step k.
     assert _same(resumed.steps[k]["camera"], full.steps[0]["camera"])
     assert not _same(resumed.steps[k]["camera"], full.steps[k]["camera"])
-    if guidance.startswith("perpneg"):
+    if seed is not None:
         for step in range(k, N_STEPS):
             assert torch.equal(timesteps(resumed, step), timesteps(full, step)), step
     else:
         assert not torch.equal(timesteps(resumed, k), timesteps(full, k))
+
+
+def test_update_step_puts_the_generator_in_the_state_of_its_step(
+    tiny_sd_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generator's state depends on (seed, rank, global step) only, not on earlier draws."""
+    cfg = {"pretrained_model_name_or_path": str(tiny_sd_path), "half_precision_weights": False}
+    cls = threestudio.find("perpneg-stable-diffusion-guidance")
+    monkeypatch.setenv("RANK", "0")
+    guidance = cls({**cfg, "seed": 5})
+
+    def draw(g: Any) -> torch.Tensor:
+        return torch.rand(8, generator=g.generator)
+
+    guidance.update_step(0, 7)
+    at7 = draw(guidance)
+    draw(guidance)
+    guidance.update_step(0, 3)
+    at3 = draw(guidance)
+    guidance.update_step(1, 7, on_load_weights=True)  # threestudio's `weights=` path: the same
+    assert torch.equal(draw(guidance), at7)
+    assert not torch.equal(at3, at7)
+    assert torch.equal(draw(cls({**cfg, "seed": 5})), draw(cls({**cfg, "seed": 5})))
+    assert not torch.equal(draw(cls({**cfg, "seed": 6})), draw(cls({**cfg, "seed": 5})))
+
+    monkeypatch.setenv("RANK", "1")  # DDP ranks keep distinct streams
+    other_rank = cls({**cfg, "seed": 5})
+    other_rank.update_step(0, 7)
+    assert not torch.equal(draw(other_rank), at7)
+
+    unseeded = cls(cfg)  # no seed: no generator, and update_step leaves the global RNG alone
+    assert unseeded.generator is None
+    state = torch.get_rng_state()
+    unseeded.update_step(0, 7)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -424,3 +424,26 @@ def test_update_step_puts_the_generator_in_the_state_of_its_step(
     state = torch.get_rng_state()
     unseeded.update_step(0, 7)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_vsd_in_dreamfusion_system_cannot_be_resumed(tiny_sd_path: Path, tmp_path: Path) -> None:
+    """threestudio's ``dreamfusion-system`` builds its guidance in ``on_fit_start``, after Lightning
+    loads a checkpoint: a module guidance (VSD's LoRA) is saved in the checkpoint but the resumed
+    system has no such submodule yet, and the strict load fails. The LoRA is not in that system's
+    optimizer either. VSD belongs in ``prolificdreamer-system`` (resumed fine, above)."""
+    overrides = [
+        *SMALL,
+        "system.guidance_type=perpneg-stable-diffusion-vsd-guidance",
+        f"system.guidance.pretrained_model_name_or_path_lora={tiny_sd_path}",
+        "system.guidance.guidance_scale_convention=cfg",
+        "system.loss.lambda_vsd=1.0",
+        "system.loss.lambda_lora=1.0",
+    ]
+    config = REPO / "configs" / "perpneg-dreamfusion.yaml"
+    recorder = StepRecorder(control_threestudio=False)
+    system = _run(config, tiny_sd_path, tmp_path / "full", overrides, recorder)
+    in_optimizer = {id(p) for g in system.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in system.guidance.parameters())
+    ckpt = tmp_path / "full" / "ckpts" / f"step={CKPT_STEP}.ckpt"
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"guidance\.lora"):
+        _run(config, tiny_sd_path, tmp_path / "resumed", overrides, recorder, resume_from=ckpt)

@@ -23,6 +23,7 @@ from ..core.controls import (
 )
 from ..core.views import VIEW_NAMES, Scheme, ThreestudioScheme, ViewThresholds, make_scheme
 from ..engines.sd import PerpNegSDSEngine, SDSSettings, load_stable_diffusion, sds_step
+from .state import make_generator, reseed_for_step
 
 
 @threestudio.register("perpneg-stable-diffusion-guidance")
@@ -143,11 +144,8 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         self._load_models()
         self.num_train_timesteps = self.engine.num_train_timesteps
         self.alphas = self.engine.alphas
-        self.generator: Optional[torch.Generator] = None
-        if cfg.seed is not None:
-            # Offset by rank as threestudio seeds its RNG: DDP ranks must not draw the same noise.
-            seed = int(cfg.seed) + get_rank()
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Re-seeded per step from (seed, rank, global_step) in update_step: see adapters/state.py.
+        self.generator = make_generator(cfg.seed, get_rank(), self.device)
         self.grad_clip_val: Optional[float] = None
         self._warned_flag = False
         self.set_min_max_steps()
@@ -309,6 +307,7 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         else:
             self.set_min_max_steps(min_pct, C(cfg.max_step_percent, epoch, global_step))
         self.set_weight_scale(float(C(cfg.perp_neg_weight_scale, epoch, global_step)))
+        reseed_for_step(self.generator, cfg.seed, get_rank(), global_step)
 
 
 def _stock_bank_and_views(

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import threestudio
-from threestudio.utils.misc import C
+from threestudio.utils.misc import C, get_rank
 from torch import Tensor
 
 from ..engines.sdi import DDIMInversion, SDISettings, sdi_step
 from .guidance import PerpNegStableDiffusionGuidance
+from .state import reseed_for_step
 
 
 @threestudio.register("perpneg-stable-diffusion-sdi-guidance")
@@ -134,3 +135,4 @@ class PerpNegStableDiffusionSDIGuidance(PerpNegStableDiffusionGuidance):
         current = (max_pct - min_pct) * (1 - progress) + min_pct
         self.set_min_max_steps(current, current)
         self.set_weight_scale(float(C(cfg.perp_neg_weight_scale, epoch, global_step)))
+        reseed_for_step(self.generator, cfg.seed, get_rank(), global_step)

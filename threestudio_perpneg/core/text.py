@@ -3,7 +3,9 @@
 The cache stores one safetensors file per (model, prompt) pair, written atomically (temporary file
 in the same folder, then ``os.replace``) and never unpickled. Under ``torch.distributed`` rank 0
 computes what is missing and the other ranks wait at a barrier before reading, so each prompt is
-encoded once per run.
+encoded once per run. Independent processes sharing a folder may write the same file at once: each
+write is a complete file, the last one stays. A folder that cannot be written (read-only, full)
+costs one warning naming it; the embeddings are kept in memory for the run.
 """
 
 from __future__ import annotations
@@ -258,20 +260,56 @@ def text_embeddings(
         return {p: e.to(device) for p, e in zip(unique, emb)}
     cache = EmbeddingCache(cache_dir, namespace=encoder)
     rank, _ = _dist_rank_and_world()
+    in_memory: Dict[str, Tensor] = {}
     if rank == 0:
         missing = [p for p in unique if cache.load(pretrained, p) is None]
         if missing:
             emb = encode_prompts(pretrained, missing, encode_device or device, encoder=encoder)
-            for p, e in zip(missing, emb):
-                cache.save(pretrained, p, e)
+            in_memory = _save_or_keep(cache, pretrained, missing, emb)
     _barrier()
     out: Dict[str, Tensor] = {}
     for p in unique:
-        e = cache.load(pretrained, p, device)
-        if e is None:
-            raise FileNotFoundError(
-                f"cache_dir: embedding of prompt {p!r} for {pretrained!r} is missing from "
-                f"{cache.folder} after rank 0 wrote it (is cache_dir on a shared filesystem?)"
-            )
-        out[p] = e
-    return out
+        e = in_memory[p].to(device) if p in in_memory else cache.load(pretrained, p, device)
+        if e is not None:
+            out[p] = e
+    unread = [p for p in unique if p not in out]
+    if unread:  # another rank, and rank 0 could not write them (or the folder is not shared)
+        log.warning(
+            "cache_dir: %d text embedding(s) missing from %s after rank 0 encoded them (read-only, "
+            "or not a shared filesystem?); rank %d encodes them itself and keeps them in memory",
+            len(unread),
+            cache.folder,
+            rank,
+        )
+        emb = encode_prompts(pretrained, unread, encode_device or device, encoder=encoder)
+        out.update((p, e.to(device)) for p, e in zip(unread, emb))
+    return {p: out[p] for p in unique}
+
+
+def _save_or_keep(
+    cache: EmbeddingCache, pretrained: str, prompts: Sequence[str], embeddings: Tensor
+) -> Dict[str, Tensor]:
+    """Writes each embedding to the cache; those that cannot be written (read-only folder, disk
+    full, a file where the folder should be) are returned to be kept in memory, with one warning
+    naming the folder. The run goes on: the cache only saves encoder time on the next run."""
+    kept: Dict[str, Tensor] = {}
+    error: Optional[OSError] = None
+    for p, e in zip(prompts, embeddings):
+        if error is None:
+            try:
+                cache.save(pretrained, p, e)
+                continue
+            except OSError as err:
+                error = err
+        kept[p] = e
+    if error is not None:
+        reason = " ".join(str(error.strerror or error).split())
+        log.warning(
+            "cache_dir: cannot write to %s (%s: %s); keeping %d text embedding(s) in memory for "
+            "this run (nothing is lost, they are encoded again next run)",
+            cache.folder,
+            type(error).__name__,
+            reason,
+            len(kept),
+        )
+    return kept

@@ -171,6 +171,7 @@ def make_dreamfusion_system(
     harness_defaults: bool = True,
     cpu_encoding: dict[str, Any] | None = None,
     cpu_mlp: dict[str, Any] | None = None,
+    resumed: bool = False,
 ) -> tuple[Any, Any]:
     """
     Builds `(system, datamodule)` from a threestudio YAML, ready for `fit_steps` on CPU.
@@ -187,6 +188,7 @@ def make_dreamfusion_system(
             the YAML's sizes (the testbed runner's configs are already CPU-sized).
         cpu_encoding / cpu_mlp: what replaces a tcnn encoding / network (default `CPU_ENCODING` /
             `CPU_MLP`).
+        resumed: passed to the system as launch.py does for `resume=` (then `fit_steps(..., ckpt_path=)`).
 
     The harness forces fp32 guidance weights, in-process prompt embedding (`spawn: false`),
     `exp_root_dir` under `tmpdir`, and CPU encodings (`CPU_ENCODING` / `CPU_MLP`); it defaults to 64x64
@@ -252,7 +254,7 @@ def make_dreamfusion_system(
         cfg = load_config(str(cpu_yaml), cli_args=cli_args, n_gpus=1)
         pl.seed_everything(cfg.seed if seed is None else seed, workers=True)
         datamodule = threestudio.find(cfg.data_type)(cfg.data)
-        system = threestudio.find(cfg.system_type)(cfg.system, resumed=False)
+        system = threestudio.find(cfg.system_type)(cfg.system, resumed=resumed)
     system.set_save_dir(os.path.join(cfg.trial_dir, "save"))
     system._harness_workdir = str(workdir)
     system._harness_cfg = cfg
@@ -263,15 +265,19 @@ def fit_steps(
     system: Any,
     datamodule: Any,
     n_steps: int,
-    callbacks: Sequence[Any] = (),
+    *,
+    ckpt_path: str | os.PathLike[str] | None = None,
     **trainer_kwargs: Any,
 ) -> list[float]:
     """
-    Trains `system` for `n_steps` optimizer steps on CPU and returns the per-step training losses.
+    Trains `system` until global step `n_steps` on CPU and returns the per-step training losses.
+
+    `ckpt_path` resumes from a Lightning checkpoint as launch.py's `resume=` does
+    (`trainer.fit(..., ckpt_path=)`; build the system with `resumed=True`): training continues from
+    the checkpoint's global step up to `n_steps`.
 
     Runs inside the system's working directory (see `make_dreamfusion_system`). `trainer_kwargs` override
-    the CPU defaults of `pl.Trainer`; `callbacks` are Lightning callbacks added to the loss recorder;
-    the trainer stays reachable as `system.trainer`.
+    the CPU defaults of `pl.Trainer` (`callbacks` are added to the loss recorder); the trainer stays reachable as `system.trainer`.
     """
     import pytorch_lightning as pl
 
@@ -299,11 +305,15 @@ def fit_steps(
         "limit_val_batches": 0,
         "log_every_n_steps": 1,
         "default_root_dir": workdir,
-        "callbacks": [_RecordLoss(), *callbacks],
+        "callbacks": [_RecordLoss()],
     }
+    extra_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
     kwargs.update(trainer_kwargs)
+    kwargs["callbacks"] = [*kwargs["callbacks"], *extra_callbacks]
     trainer = pl.Trainer(**kwargs)
     with working_directory(workdir):
         system.train()  # pytorch-lightning >= 2.2 no longer does this before fit; the estimators need it
-        trainer.fit(system, datamodule=datamodule)
+        trainer.fit(
+            system, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path)
+        )
     return losses

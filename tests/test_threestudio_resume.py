@@ -66,6 +66,7 @@ NEGATIVES = [
 CONTROLS = [
     "system.guidance.seed=5",
     "system.guidance.perp_neg_sampling=one",
+    "system.guidance.perp_neg_eval_prob=0.5",
     f"system.guidance.perp_neg_weight_scale=[0,1.0,0.25,{N_STEPS}]",
     f"system.guidance.min_step_percent=[0,0.02,0.4,{N_STEPS}]",
 ]
@@ -94,7 +95,7 @@ CASES: Dict[str, Dict[str, Any]] = {
         "cls": PerpNegStableDiffusionSDIGuidance,
         # SDI anneals t over trainer_max_steps itself; min_step_percent is its floor.
         "overrides": [
-            *CONTROLS[:3],
+            *CONTROLS[:4],
             "system.guidance.trainer_max_steps=6",
             "system.guidance.inversion_n_steps=2",
         ],

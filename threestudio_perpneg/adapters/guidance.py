@@ -108,8 +108,10 @@ class PerpNegStableDiffusionGuidance(BaseObject):
         #: evaluated, their weights divided by p (unbiased); the other samples get plain CFG. With
         #: ``one``, 2 + p UNet rows per sample on average. Default 1 (always).
         perp_neg_eval_prob: float = 1.0
-        #: Seed of a private generator for timesteps, noise and VAE sampling (plus the DDP rank,
-        #: so ranks draw different noise); None = the global RNG, seeded by threestudio.
+        #: Seed of a private generator for timesteps, noise, VAE sampling and the sampling
+        #: controls' draws, re-seeded at every step from (seed, DDP rank, global_step), so ranks
+        #: draw different noise and a resumed run draws what the uninterrupted run drew; None =
+        #: the global RNG, seeded by threestudio.
         seed: Optional[int] = None
 
     cfg: Config

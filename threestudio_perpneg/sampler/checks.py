@@ -20,7 +20,7 @@ from ..common.checks import (
     check_sequence,
     check_text,
 )
-from ..core.controls import check_fraction_window
+from ..core.controls import check_eval_prob, check_fraction_window
 from ..core.views import SCHEMES, VIEW_NAMES, ViewThresholds, make_scheme, view_index, view_weights
 
 __all__ = [
@@ -95,12 +95,14 @@ def check_sampling(
     eta: float = 0.0,
     perp_neg_start: float = 0.0,
     perp_neg_stop: float = 1.0,
+    perp_neg_eval_prob: float = 1.0,
 ) -> Dict[str, Any]:
     """The sampling settings of one call; sizes default to ``default_size`` (height, width)."""
     steps = check_int("num_inference_steps", num_inference_steps, 1)
     window = check_fraction_window(
         perp_neg_start, perp_neg_stop, ("perp_neg_start", "perp_neg_stop")
     )
+    eval_prob = check_eval_prob(perp_neg_eval_prob, "perp_neg_eval_prob")
     scale = check_float("guidance_scale", guidance_scale)
     eta_f = check_float("eta", eta)
     if eta_f < 0:
@@ -117,6 +119,7 @@ def check_sampling(
         "eta": eta_f,
         "perp_neg_start": window[0],
         "perp_neg_stop": window[1],
+        "perp_neg_eval_prob": eval_prob,
     }
 
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..common.checks import SEED_MAX_64, check_int, check_text
 from ..common.io import to_jsonable
-from ..core.controls import step_in_window
+from ..core.controls import draw_uniforms, step_in_window
 from ..core.guidance import perp_neg_guidance
 from ..core.text import view_prompts
 from ..core.views import VIEW_NAMES
@@ -253,6 +253,7 @@ class PerpNegSampler:
         progress: bool = True,
         perp_neg_start: float = 0.0,
         perp_neg_stop: float = 1.0,
+        perp_neg_eval_prob: float = 1.0,
     ) -> GenerationResult:
         r"""Generates one image per seed from a main prompt and weighted extra prompts.
 
@@ -284,6 +285,15 @@ class PerpNegSampler:
                 diffusers' guiders count them (step i of N is in when int(start·N) <= i <
                 int(stop·N)); the other steps are plain guidance on the positives and run no
                 negative rows. ``cebm`` and ``sd`` modes have no negative rows and ignore them.
+            perp_neg_eval_prob (`float`, defaults to 1.0): probability p ∈ (0, 1] that a step
+                inside the window evaluates the ``perpneg`` negatives, their weights divided by p
+                (an unbiased estimate of the full guidance: E[ε̂] is unchanged); otherwise the step
+                is plain guidance on the positives and runs no negative rows, as outside the
+                window. One draw per step for all images of the call: u = ``torch.rand(1,
+                dtype=torch.float64, generator=g)`` with ``g = torch.Generator("cpu").manual_seed(
+                seeds[0])`` made for the call (the images' own generators are not touched), and the
+                negatives are evaluated when u < p. p = 1 draws nothing and evaluates them at every
+                step in the window. ``cebm`` and ``sd`` modes ignore it.
 
         Returns:
             [`GenerationResult`].
@@ -291,7 +301,9 @@ class PerpNegSampler:
         Raises:
             `ValueError`: naming the argument: empty ``prompt`` / ``extra_prompts[i]``, ``weights``
                 count or values, unknown ``mode``, ``height`` / ``width`` not multiples of 8,
-                empty ``seeds``, ``num_inference_steps`` < 1, non-finite ``guidance_scale`` / ``eta``.
+                empty ``seeds``, ``num_inference_steps`` < 1, non-finite ``guidance_scale`` / ``eta``,
+                ``perp_neg_start`` / ``perp_neg_stop`` outside [0, 1] or start > stop,
+                ``perp_neg_eval_prob`` not a number with 0 < p <= 1.
         """
         prompt = check_text("prompt", prompt)
         extras = check_extras(extra_prompts)
@@ -308,6 +320,7 @@ class PerpNegSampler:
             eta,
             perp_neg_start,
             perp_neg_stop,
+            perp_neg_eval_prob,
         )
         main = _Branch(prompt, self.encode(prompt), w[0])
         sd_positive = None
@@ -360,7 +373,7 @@ class PerpNegSampler:
             mode (`str`, defaults to ``"perpneg"``): as in :meth:`generate`.
             **generate_kwargs: ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
                 ``height``, ``width``, ``seeds``, ``eta``, ``progress``, ``perp_neg_start``,
-                ``perp_neg_stop`` as in :meth:`generate`.
+                ``perp_neg_stop``, ``perp_neg_eval_prob`` as in :meth:`generate`.
 
         Raises:
             `ValueError`: naming ``view`` / ``azimuth`` (both or neither given, unknown view,
@@ -525,8 +538,16 @@ class PerpNegSampler:
         if _accepts(scheduler.step, "generator"):
             extra["generator"] = generators
 
-        calls = 0
+        calls = rows_run = 0
         window = (sampling["perp_neg_start"], sampling["perp_neg_stop"])
+        eval_prob: float = sampling["perp_neg_eval_prob"]
+        # p < 1: one draw per step in the window for the whole batch, from a generator of its own
+        # (the images' generators keep their streams); evaluated negatives are weighted w / p.
+        coin: Optional[torch.Generator] = None
+        neg_w_eval = neg_w
+        if n_neg > 0 and eval_prob < 1.0:
+            coin = torch.Generator(device="cpu").manual_seed(seeds[0])
+            neg_w_eval = neg_w / eval_prob
         iterator: Any = timesteps
         if progress:
             from tqdm.auto import tqdm
@@ -535,7 +556,10 @@ class PerpNegSampler:
         for i, t in enumerate(iterator):
             # Outside [start, stop) the negatives' rows (the last ones) are not run at all.
             with_neg = n_neg > 0 and step_in_window(i, len(timesteps), *window)
+            if with_neg and coin is not None:
+                with_neg = bool(draw_uniforms(1, coin)[0] < eval_prob)
             rows = n_branches if with_neg else 1 + n_pos
+            rows_run += rows * n
             model_input = torch.cat([latents] * rows)
             model_input = scheduler.scale_model_input(model_input, t)
             out = unet(model_input, t, encoder_hidden_states=emb[: rows * n], return_dict=False)[0]
@@ -548,7 +572,7 @@ class PerpNegSampler:
                 eps_u,
                 eps_pos,
                 eps_neg,
-                neg_w if with_neg else None,
+                neg_w_eval if with_neg else None,
                 scale,
                 pos_weights=pos_w,
             )
@@ -575,6 +599,7 @@ class PerpNegSampler:
             weights=plan.report,
             unet_calls=calls,
             settings=settings,
+            unet_rows=rows_run,
         )
 
     @torch.no_grad()

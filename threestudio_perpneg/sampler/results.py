@@ -30,6 +30,10 @@ class GenerationResult:
         unet_calls (`int`): UNet forward calls made: one per timestep of the scheduler, i.e.
             ``num_inference_steps`` (PNDM / Heun-style schedulers have a few more timesteps).
         settings (`dict`): every sampling setting (JSON-serialisable) needed to regenerate the images.
+        unet_rows (`int`): UNet batch rows actually run, summed over the calls and the images: a
+            call runs ``1 + positives`` rows per image, plus one per negative at the steps where
+            the negatives are evaluated (inside ``perp_neg_start`` / ``perp_neg_stop``, drawn with
+            probability ``perp_neg_eval_prob``).
     """
 
     images: List[PILImage.Image]
@@ -39,6 +43,7 @@ class GenerationResult:
     weights: Dict[str, Any]
     unet_calls: int
     settings: Dict[str, Any] = field(default_factory=dict)
+    unet_rows: int = 0
 
 
 class Branch(NamedTuple):

@@ -1,4 +1,4 @@
-"""``perp_neg_eval_prob`` in the 2D sampler (tiny random SD model, CPU).
+"""``perp_neg_eval_prob`` in the 2D sampler and ``perpneg-2d`` (tiny random SD model, CPU).
 
 The references are written here: the per-step draws are reproduced from a generator seeded as the
 docstring of :meth:`PerpNegSampler.generate` says (``torch.Generator("cpu").manual_seed(seeds[0])``,
@@ -10,6 +10,7 @@ counted with a forward pre-hook, and the guidance is recomputed from the raw UNe
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
@@ -213,6 +214,39 @@ def test_bad_values_raise_one_line_naming_the_argument(sampler, bad) -> None:
         lambda: sampler.generate_view(PROMPT, view="side", **kw), "perp_neg_eval_prob"
     )
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "nan", "x", ""])
+def test_cli_bad_value_exits_2_with_one_line(value, tmp_path: Path, capsys: Any) -> None:
+    from threestudio_perpneg.commands.generate import main
+
+    out = tmp_path / "out"
+    assert main(["a corgi", "--perp-neg-eval-prob", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --perp-neg-eval-prob:" in err, err
+    assert not out.exists()
+
+
+def test_cli_flag_reaches_the_sampler_and_the_records(tiny_sd_path: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from threestudio_perpneg.commands.generate import SIDECAR_NAME, main
+
+    out = tmp_path / "out"
+    argv = ["a corgi | a cat", "--weights", "1 | -1", "--model", str(tiny_sd_path)]
+    argv += ["--out", str(out), "--steps", "12", "--height", "64", "--width", "64"]
+    argv += ["--seeds", "6,9", "--no-progress", "--perp-neg-eval-prob", "0.5"]
+    assert main(argv) == 0
+    sidecar = json.loads((out / SIDECAR_NAME).read_text(encoding="utf-8"))
+    assert sidecar["settings"]["perp_neg_eval_prob"] == 0.5
+    (batch,) = sidecar["batches"]
+    assert batch["kwargs"]["perp_neg_eval_prob"] == 0.5
+    assert batch["sampler_settings"]["perp_neg_eval_prob"] == 0.5
+    evaluated = expected_negative_steps(6, 0.5, 12)
+    assert batch["unet_calls"] == [12]
+    assert batch["unet_rows"] == [sum((3 if e else 2) * 2 for e in evaluated)]
+    with Image.open(out / sidecar["images"][0]["file"]) as img:
+        assert json.loads(img.text["perpneg"])["perp_neg_eval_prob"] == 0.5
 
 
 def test_step_window_helper_matches_the_reference_count() -> None:

@@ -161,6 +161,13 @@ def _non_negative(value: str) -> float:
     return x
 
 
+def _eval_prob_arg(value: str) -> float:
+    x = finite_float(value, "a probability 0 < p <= 1")
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability 0 < p <= 1, got {value!r}")
+    return x
+
+
 def _elevation_arg(value: str) -> float:
     x = finite_float(value, "degrees")
     if not -90.0 <= x <= 90.0:
@@ -356,6 +363,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         default=1.0,
         metavar="F",
         help="fraction of the denoising steps from which negatives are off (default: 1)",
+    )
+    m.add_argument(
+        "--perp-neg-eval-prob",
+        type=_eval_prob_arg,
+        default=1.0,
+        metavar="P",
+        help="probability 0 < P <= 1 that a step inside the window evaluates the negatives, "
+        "their weights divided by P; otherwise plain guidance on the positives (default: 1)",
     )
 
     o = p.add_argument_group("output and replay")

@@ -74,7 +74,7 @@ def grid_image(
 
 def image_meta(batch: Dict[str, Any], cell: Dict[str, Any]) -> Dict[str, Any]:
     kw = batch["kwargs"]
-    return {
+    meta = {
         "prompt": kw["prompt"],
         "extra_prompts": kw.get("extra_prompts", []),
         "weights": kw.get("weights"),
@@ -88,3 +88,7 @@ def image_meta(batch: Dict[str, Any], cell: Dict[str, Any]) -> Dict[str, Any]:
         "perp_neg_window": [kw.get("perp_neg_start", 0.0), kw.get("perp_neg_stop", 1.0)],
         "sidecar": SIDECAR_NAME,
     }
+    # Only where the call recorded it: a replayed older sidecar keeps its PNG bytes.
+    if "perp_neg_eval_prob" in kw:
+        meta["perp_neg_eval_prob"] = kw["perp_neg_eval_prob"]
+    return meta

@@ -138,6 +138,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "eta": args.eta,
         "perp_neg_start": args.perp_neg_start,
         "perp_neg_stop": args.perp_neg_stop,
+        "perp_neg_eval_prob": args.perp_neg_eval_prob,
     }
     view_kwargs: Dict[str, Any] = {
         "elevation": args.elevation,
@@ -251,6 +252,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         "guidance_scale": args.guidance_scale,
         "perp_neg_start": args.perp_neg_start,
         "perp_neg_stop": args.perp_neg_stop,
+        "perp_neg_eval_prob": args.perp_neg_eval_prob,
         "eta": args.eta,
         "height": args.height,
         "width": args.width,

@@ -144,6 +144,7 @@ def _execute(
             results = _call(sampler, batch["call"], batch["kwargs"], progress)
             batch["weights"] = to_jsonable(results[0].weights) if len(results) == 1 else None
             batch["unet_calls"] = [int(getattr(r, "unet_calls", 0)) for r in results]
+            batch["unet_rows"] = [int(getattr(r, "unet_rows", 0)) for r in results]
             batch["sampler_settings"] = to_jsonable(getattr(results[0], "settings", None))
             for cell in batch["cells"]:
                 res = results[cell["result"]]

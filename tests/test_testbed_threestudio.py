@@ -140,3 +140,103 @@ def test_runner_trains_through_dreamfusion_system_and_scores_threestudios_ring(
     (attempt,) = json.loads((tmp_path / "attempts.json").read_text())["attempts"]
     assert attempt["row"]["label"] == row["label"] and attempt["labels"]["0"] == obj["labels"]
     assert os.environ.get("THREESTUDIO_ROOT")
+
+
+def _block(
+    root: Path,
+    level: str,
+    row: str,
+    block: str,
+    *,
+    method: str,
+    seeds,
+    janus,
+    front,
+    scheme=None,
+    **settings,
+) -> None:
+    from threestudio_perpneg.common.io import write_json_atomic
+
+    n = len(seeds)
+    base = {
+        "config": "c.yaml",
+        "identity": "troll",
+        "steps": 600,
+        "cpu_frequencies": 6,
+        "cpu_masking_steps": 0,
+        "cpu_neurons": 64,
+        "cpu_hidden_layers": 2,
+        "cpu_lr": 0.05,
+        "ring_views": 12,
+        "prior": f"priors/{level}",
+        "seeds": list(seeds),
+    }
+    row_ = {
+        "method": method,
+        "batch": 4,
+        "scheme": scheme,
+        "controls": {},
+        "label": method,
+        "seeds": n,
+        "janus": janus,
+        "front_kept": front,
+        "view_accuracy": {"front": 1.0, "side": 0.0, "back": 0.0},
+        "identity_agreement": 1.0,
+        "unet_rows_per_step": 8.0,
+        "seconds": 10.0,
+        "seconds_per_step": 0.2,
+    }
+    write_json_atomic(
+        root / level / row / block / "results.json",
+        {"row": row_, "settings": {**base, **settings}, "objects": [], "command": ["x", block]},
+    )
+
+
+def test_table_joins_blocks_sums_counts_and_evaluates_the_declared_hypothesis(tmp_path) -> None:
+    from threestudio_perpneg.testbed.ts_table import collect, format_table
+
+    root = tmp_path / "t"
+    _block(root, "p35", "vanilla", "s0-3", method="vanilla", seeds=[0, 1, 2, 3], janus=4, front=4)
+    _block(root, "p35", "vanilla", "s4-7", method="vanilla", seeds=[4, 5, 6, 7], janus=3, front=4)
+    _block(
+        root,
+        "p35",
+        "ours",
+        "s0-7",
+        method="ours",
+        scheme="threestudio",
+        seeds=list(range(8)),
+        janus=1,
+        front=8,
+    )
+    _block(
+        root, "p35", "sanity-front", "s0-3", method="noview", seeds=[0, 1, 2, 3], janus=0, front=4
+    )
+    rep = collect(root)
+    (lv,) = rep["levels"]
+    assert lv["name"] == "p35" and lv["prior"] == "priors/p35"
+    rows = {r["row"]: r for r in lv["table3d"]}
+    assert set(rows) == {"vanilla", "ours"}
+    van = rows["vanilla"]
+    assert (van["seeds"], van["janus"], van["front_kept"]) == (8, 7, 8)
+    assert van["seed_list"] == list(range(8))
+    # Wilson 95 % for 7/8 by hand: centre (7 + 1.92)/(8 + 3.84), half-width 1.96·√(...)/(...)
+    z = 1.959964
+    p, n = 7 / 8, 8
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    assert van["janus_ci95"] == pytest.approx([centre - half, centre + half], abs=1e-3)
+    assert lv["sanity"]["sanity-front"]["front_kept"] == [4, 4]
+    # vanilla 7/8 >= 0.5, ours 1/8 <= 7/8 - 0.3, front 8/8 >= 8/8 - 0.1: holds at p35.
+    assert rep["hypothesis"]["holds"] and rep["hypothesis"]["levels"] == ["p35"]
+    assert json.loads((root / "results.json").read_text())["levels"][0]["name"] == "p35"
+    assert "hypothesis holds at p35" in format_table(rep)
+    assert len(rep["commands"]) == 4
+
+    _block(root, "p35", "vanilla", "again", method="vanilla", seeds=[7, 8], janus=1, front=1)
+    with pytest.raises(ValueError, match="repeats seeds"):
+        collect(root)
+    (root / "p35" / "vanilla" / "again" / "results.json").unlink()
+    _block(root, "p55", "vanilla", "s0", method="vanilla", seeds=[0], janus=0, front=1, steps=9)
+    with pytest.raises(ValueError, match=r"differs from .* in \['steps'\]"):
+        collect(root)

@@ -77,6 +77,12 @@ def add_parser(sub: Any) -> None:
         help="steps over which the frequencies are unmasked coarse to fine (default 0)",
     )
     p.add_argument(
+        "--cpu-lr",
+        type=finite_float,
+        default=0.05,
+        help="Adam learning rate of the geometry MLP that replaces the hash grid (default 0.05)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -124,6 +130,7 @@ def run(ns: argparse.Namespace, error: type) -> None:
             batch_size=ns.batch_size,
             cpu_frequencies=ns.cpu_frequencies,
             cpu_masking_steps=ns.cpu_masking_steps,
+            cpu_lr=ns.cpu_lr,
             overrides=tuple(ns.overrides),
         )
     except ValueError as err:

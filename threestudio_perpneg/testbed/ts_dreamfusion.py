@@ -69,6 +69,10 @@ class ThreestudioRunConfig:
             from the start). Default 0.
         cpu_neurons / cpu_hidden_layers: the MLP that replaces tcnn's (torch ``VanillaMLP``).
             Default 64 neurons, 2 hidden layers.
+        cpu_lr: Adam learning rate of the geometry on CPU (``system.optimizer.args.lr`` and
+            ``...params.geometry.lr``): the frequency encoding has no parameters, so the MLP's
+            weights carry the whole field and move it more slowly than a hash grid's cells at
+            threestudio's 0.01. None keeps the config's. Default 0.05.
         overrides: further threestudio dotlist overrides (``key=value``), applied last.
         ring_views: views of the evaluation ring (``n_test_views`` is set to one more). Default 12.
     """
@@ -86,6 +90,7 @@ class ThreestudioRunConfig:
     cpu_masking_steps: int = 0
     cpu_neurons: int = 64
     cpu_hidden_layers: int = 2
+    cpu_lr: Optional[float] = 0.05
     overrides: Tuple[str, ...] = field(default_factory=tuple)
     ring_views: int = 12
 
@@ -113,6 +118,13 @@ class ThreestudioRunConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
+        if self.cpu_lr is not None and (
+            isinstance(self.cpu_lr, bool)
+            or not isinstance(self.cpu_lr, (int, float))
+            or not math.isfinite(self.cpu_lr)
+            or self.cpu_lr <= 0
+        ):
+            raise ValueError(f"cpu_lr: expected a finite number > 0 or None, got {self.cpu_lr!r}")
         for key in ("steps", "batch_size"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -158,6 +170,11 @@ def _run_overrides(cfg: ThreestudioRunConfig, prompt: str) -> List[str]:
         items.append(f"trainer.max_steps={cfg.steps}")
     if cfg.batch_size is not None:
         items.append(f"data.batch_size={cfg.batch_size}")
+    if cfg.cpu_lr is not None:
+        items += [
+            f"system.optimizer.args.lr={cfg.cpu_lr}",
+            f"system.optimizer.params.geometry.lr={cfg.cpu_lr}",
+        ]
     return items + list(cfg.overrides)
 
 

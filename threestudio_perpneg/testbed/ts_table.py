@@ -28,6 +28,7 @@ SHARED_SETTINGS = (
     "cpu_masking_steps",
     "cpu_neurons",
     "cpu_hidden_layers",
+    "cpu_lr",
     "ring_views",
 )
 
@@ -57,13 +58,13 @@ def collect(root: PathLike) -> Dict[str, Any]:
     if not blocks:
         raise ValueError(f"root: {root} holds no <level>/<row>/<block>/results.json")
     first_dir, first = blocks[0][2], blocks[0][3]
-    shared = {k: first["settings"][k] for k in SHARED_SETTINGS}
+    shared = {k: first["settings"].get(k) for k in SHARED_SETTINGS}
     rows: Dict[Tuple[str, str], Dict[str, Any]] = {}
     seeds: Dict[Tuple[str, str], List[int]] = {}
     priors: Dict[str, str] = {}
     commands: List[List[str]] = []
     for level, name, folder, rep in blocks:
-        got = {k: rep["settings"][k] for k in SHARED_SETTINGS}
+        got = {k: rep["settings"].get(k) for k in SHARED_SETTINGS}
         if got != shared:
             diff = sorted(k for k in SHARED_SETTINGS if got[k] != shared[k])
             raise ValueError(f"root: block {folder} differs from {first_dir} in {diff}")

@@ -65,10 +65,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="default: the config's")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the config's")
     p.add_argument(
+        "--cpu-encoding",
+        choices=("grid", "frequency"),
+        default="grid",
+        help="what replaces the hash grid: a torch grid (default) or a frequency encoding",
+    )
+    p.add_argument(
+        "--cpu-grid-levels", type=positive_int, default=8, help="levels of the CPU grid (default 8)"
+    )
+    p.add_argument(
         "--cpu-frequencies",
         type=positive_int,
         default=6,
-        help="frequencies of the encoding that replaces the hash grid (default 6)",
+        help="frequencies of --cpu-encoding frequency (default 6)",
     )
     p.add_argument(
         "--cpu-masking-steps",
@@ -79,8 +88,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--cpu-lr",
         type=finite_float,
-        default=0.05,
-        help="Adam learning rate of the geometry MLP that replaces the hash grid (default 0.05)",
+        default=None,
+        help="Adam learning rate of the geometry (default: the config's)",
     )
     p.add_argument(
         "--set",
@@ -128,6 +137,8 @@ def run(ns: argparse.Namespace, error: type) -> None:
             identity=ns.identity,
             steps=ns.steps,
             batch_size=ns.batch_size,
+            cpu_encoding=ns.cpu_encoding,
+            cpu_grid_levels=ns.cpu_grid_levels,
             cpu_frequencies=ns.cpu_frequencies,
             cpu_masking_steps=ns.cpu_masking_steps,
             cpu_lr=ns.cpu_lr,

@@ -40,6 +40,8 @@ __all__ = [
 PathLike = Union[str, Path]
 
 METHODS: Tuple[str, ...] = ("noview", "vanilla", "ours")
+#: What replaces the hash grid on CPU (see :class:`ThreestudioRunConfig`).
+CPU_ENCODINGS: Tuple[str, ...] = ("grid", "frequency")
 
 
 def default_config_path() -> Path:
@@ -63,16 +65,23 @@ class ThreestudioRunConfig:
             prompt); the classifier's identity agreement is measured against it. Default troll.
         steps: optimiser steps; None keeps the config's ``trainer.max_steps``.
         batch_size: cameras per step; None keeps the config's ``data.batch_size``.
-        cpu_frequencies: frequencies of the ``ProgressiveBandFrequency`` encoding that replaces
-            the hash grid on CPU. Default 6.
+        cpu_encoding: what replaces tcnn's hash grid on CPU: ``grid`` (default), the torch
+            multiresolution grid of :mod:`threestudio_perpneg.threestudio_cpu.grid_encoding` (local
+            features like the hash grid, threestudio's progressive levels), or ``frequency``,
+            threestudio's ``ProgressiveBandFrequency`` into a global MLP (which learns a head
+            that looks the same from every side).
+        cpu_grid_levels / cpu_grid_log2_size: levels and log2 table size of the CPU grid
+            (threestudio's base resolution 16 and level scale 1.447; the first half of the levels
+            from the start, one more every 50 steps from step 200). Default 8 and 16.
+        cpu_frequencies: frequencies of the ``frequency`` encoding. Default 6.
         cpu_masking_steps: steps over which the frequencies are unmasked coarse to fine (0: all
             from the start). Default 0.
         cpu_neurons / cpu_hidden_layers: the MLP that replaces tcnn's (torch ``VanillaMLP``).
             Default 64 neurons, 2 hidden layers.
         cpu_lr: Adam learning rate of the geometry on CPU (``system.optimizer.args.lr`` and
-            ``...params.geometry.lr``): the frequency encoding has no parameters, so the MLP's
-            weights carry the whole field and move it more slowly than a hash grid's cells at
-            threestudio's 0.01. None keeps the config's. Default 0.05.
+            ``...params.geometry.lr``); None (default) keeps the config's (threestudio's 0.01, for
+            grid cells). The ``frequency`` encoding has no parameters, its MLP's weights carry
+            the whole field: 0.05 drew a head there where 0.01 drew a hair-coloured ball.
         overrides: further threestudio dotlist overrides (``key=value``), applied last.
         ring_views: views of the evaluation ring (``n_test_views`` is set to one more). Default 12.
     """
@@ -86,11 +95,14 @@ class ThreestudioRunConfig:
     identity: str = "troll"
     steps: Optional[int] = None
     batch_size: Optional[int] = None
+    cpu_encoding: str = "grid"
+    cpu_grid_levels: int = 8
+    cpu_grid_log2_size: int = 16
     cpu_frequencies: int = 6
     cpu_masking_steps: int = 0
     cpu_neurons: int = 64
     cpu_hidden_layers: int = 2
-    cpu_lr: Optional[float] = 0.05
+    cpu_lr: Optional[float] = None
     overrides: Tuple[str, ...] = field(default_factory=tuple)
     ring_views: int = 12
 
@@ -108,7 +120,14 @@ class ThreestudioRunConfig:
                 f"sampling/eval_prob: apply to method 'ours' only, got {self.sampling!r} and "
                 f"{self.eval_prob!r} with method {self.method!r}"
             )
+        if self.cpu_encoding not in CPU_ENCODINGS:
+            raise ValueError(
+                f"cpu_encoding: unknown value {self.cpu_encoding!r}, expected one of "
+                f"{CPU_ENCODINGS}"
+            )
         for key, lo in (
+            ("cpu_grid_levels", 1),
+            ("cpu_grid_log2_size", 8),
             ("cpu_frequencies", 1),
             ("cpu_masking_steps", 0),
             ("cpu_neurons", 1),
@@ -161,6 +180,27 @@ def method_overrides(cfg: ThreestudioRunConfig) -> List[str]:
         f"{g}.perp_neg_sampling={cfg.sampling}",
         f"{g}.perp_neg_eval_prob={cfg.eval_prob}",
     ]
+
+
+def cpu_encoding_config(cfg: ThreestudioRunConfig) -> Dict[str, Any]:
+    """The encoding config that replaces the hash grid on CPU (see :class:`ThreestudioRunConfig`)."""
+    if cfg.cpu_encoding == "frequency":
+        return {
+            "otype": "ProgressiveBandFrequency",
+            "n_frequencies": cfg.cpu_frequencies,
+            "n_masking_step": cfg.cpu_masking_steps,
+        }
+    return {
+        "otype": "ProgressiveBandHashGrid",
+        "n_levels": cfg.cpu_grid_levels,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": cfg.cpu_grid_log2_size,
+        "base_resolution": 16,
+        "per_level_scale": 1.447269237440378,
+        "start_level": max(1, cfg.cpu_grid_levels // 2),
+        "start_step": 200,
+        "update_steps": 50,
+    }
 
 
 def _run_overrides(cfg: ThreestudioRunConfig, prompt: str) -> List[str]:
@@ -234,11 +274,8 @@ def run_object(
         threestudio_root=threestudio_root,
         seed=seed,
         harness_defaults=False,
-        cpu_encoding={
-            "otype": "ProgressiveBandFrequency",
-            "n_frequencies": cfg.cpu_frequencies,
-            "n_masking_step": cfg.cpu_masking_steps,
-        },
+        torch_grid=cfg.cpu_encoding == "grid",
+        cpu_encoding=cpu_encoding_config(cfg),
         cpu_mlp={
             "otype": "VanillaMLP",
             "activation": "ReLU",

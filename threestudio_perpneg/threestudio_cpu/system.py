@@ -172,6 +172,7 @@ def make_dreamfusion_system(
     cpu_encoding: dict[str, Any] | None = None,
     cpu_mlp: dict[str, Any] | None = None,
     resumed: bool = False,
+    torch_grid: bool = False,
 ) -> tuple[Any, Any]:
     """
     Builds `(system, datamodule)` from a threestudio YAML, ready for `fit_steps` on CPU.
@@ -188,6 +189,8 @@ def make_dreamfusion_system(
             the YAML's sizes (the testbed runner's configs are already CPU-sized).
         cpu_encoding / cpu_mlp: what replaces a tcnn encoding / network (default `CPU_ENCODING` /
             `CPU_MLP`).
+        torch_grid: route threestudio's grid encodings to the torch grid of
+            `grid_encoding.TorchGridEncoding` (`cpu_encoding` may then be a grid config).
         resumed: passed to the system as launch.py does for `resume=` (then `fit_steps(..., ckpt_path=)`).
 
     The harness forces fp32 guidance weights, in-process prompt embedding (`spawn: false`),
@@ -202,6 +205,10 @@ def make_dreamfusion_system(
     for extension in extensions:
         load_custom_extension(extension)
     ensure_nerfacc_cpu()
+    if torch_grid:
+        from .grid_encoding import install as install_torch_grid
+
+        install_torch_grid()
 
     import pytorch_lightning as pl
     from threestudio.utils.config import load_config

@@ -27,7 +27,7 @@ setup(
             "conf/prompts/*.yaml",
             "conf/hydra/launcher/*.yaml",
         ],
-        # The Janus testbed's shipped prior (diffusers folder) and view/identity classifier.
+        # The Janus testbed's shipped priors (diffusers folders) and view/identity classifier.
         "threestudio_perpneg.testbed": [
             "assets/prior/*.json",
             "assets/prior/*.png",
@@ -37,6 +37,12 @@ setup(
             "assets/classifier/*.json",
             "assets/classifier/*.safetensors",
             "assets/classifier/*.png",
+            # The sharper family's p35 (the demo's prior; about 6 MB).
+            "assets/priors-6000/*/*.json",
+            "assets/priors-6000/*/*.png",
+            "assets/priors-6000/*/*/*.json",
+            "assets/priors-6000/*/*/*.txt",
+            "assets/priors-6000/*/*/*.safetensors",
         ],
     },
     install_requires=[

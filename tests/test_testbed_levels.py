@@ -96,6 +96,7 @@ def test_a_prior_continues_on_other_captions_and_other_knobs_are_refused(tmp_pat
 
 
 SHARP_PRIORS = Path(__file__).resolve().parents[1] / "benchmarks/results/testbed-sweep-6000/priors"
+PACKAGE = Path(__file__).resolve().parents[1] / "threestudio_perpneg"
 
 
 @pytest.mark.parametrize(
@@ -113,6 +114,9 @@ def test_shipped_level_priors_follow_their_level(name: str, family: str) -> None
         else (SHARP_PRIORS, L.SHARP_LEVEL_STEPS)
     )
     folder = level_prior(priors, lv)
+    if family == "sharp" and name == "p35":  # shipped in the package, one copy in the repository
+        assert folder == PACKAGE / "testbed/assets/priors-6000/p35"
+        assert not (SHARP_PRIORS / "p35").exists()
     saved = json.loads((folder / "testbed.json").read_text())
     assert D.DatasetConfig.from_dict(saved["dataset"]) == lv.dataset()
     assert saved["train"]["steps"] == steps and saved["train"]["init_from"] is None

@@ -2,6 +2,9 @@
 
 Subcommands:
 
+* ``demo``: what Perp-Neg does, in about two minutes on a CPU: vanilla SDS and Perp-Neg on the
+  same seeds with the Janus testbed's 3D protocol, on the tiny prior shipped in the package
+  (:mod:`threestudio_perpneg.commands.demo`, which parses its own arguments).
 * ``smoke``: CPU smoke run / 2D Perp-Neg SDS playground (:mod:`threestudio_perpneg.commands.smoke`).
 * ``link``: install the plugin shim and configs into a threestudio checkout
   (:mod:`threestudio_perpneg.commands.link`, which parses its own arguments).
@@ -30,6 +33,10 @@ PROG = "threestudio-perpneg"
 
 #: Subcommands implemented in their own modules: name -> (module, help).
 DELEGATED = {
+    "demo": (
+        ".commands.demo",
+        "what Perp-Neg does, on a CPU in minutes: vanilla vs Perp-Neg SDS on a testbed head",
+    ),
     "link": (
         ".commands.link",
         "install the plugin shim and perpneg-*.yaml configs into a threestudio checkout",

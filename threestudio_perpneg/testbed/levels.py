@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .dataset import DatasetConfig, confusion_matrix, p_view_given_phrase
@@ -36,6 +37,9 @@ __all__ = [
     "LEVEL_NAMES",
     "SWEEP_PRIOR",
     "LEVEL_STEPS",
+    "SHARP_LEVEL_STEPS",
+    "SHIPPED_SHARP_LEVEL",
+    "SHIPPED_SHARP_PRIORS",
     "LEVEL_PHRASE_PROB",
     "level_dataset",
     "level_recipe",
@@ -85,9 +89,16 @@ SWEEP_PRIOR = PriorConfig(resolution=16, block_out_channels=(32, 48, 64), cross_
 LEVEL_STEPS = 3000
 #: Steps of the sharper family (``train-levels --steps 6000``; about 22 min a level on 1 free
 #: thread): its samples and SDS heads show eyes where the 3000-step ones show smudges, and its view
-#: words are stronger at the same caption knobs (all four shipped in
-#: ``benchmarks/results/testbed-sweep-6000/priors``; p35 and p55 measured there).
+#: words are stronger at the same caption knobs (p15, p55 and p80 in
+#: ``benchmarks/results/testbed-sweep-6000/priors``, p35 in :data:`SHIPPED_SHARP_PRIORS`; p35 and
+#: p55 measured in ``benchmarks/results/testbed-sweep-6000``).
 SHARP_LEVEL_STEPS = 6000
+#: The sharper family's level shipped inside the package (the ``demo`` command's prior, about
+#: 6 MB): the one where vanilla SDS draws a second face on every object and Perp-Neg mostly not.
+SHIPPED_SHARP_LEVEL = "p35"
+#: Folder of the sharper family's priors inside the package (one level, :data:`SHIPPED_SHARP_LEVEL`:
+#: the repository keeps one copy of it, here, so a non-editable install has it too).
+SHIPPED_SHARP_PRIORS = Path(__file__).resolve().parent / "assets" / "priors-6000"
 #: Share of the captions with a view phrase, at every level.
 LEVEL_PHRASE_PROB = 0.8
 

@@ -35,6 +35,8 @@ __all__ = [
     "SWEEP_METHODS",
     "MIDDLE_METHODS",
     "default_priors_dir",
+    "level_prior",
+    "sharp_priors_dir",
     "evaluate_hypothesis",
     "is_middle",
     "run_level_table3d",
@@ -118,15 +120,38 @@ def default_priors_dir() -> Path:
     )
 
 
+def sharp_priors_dir() -> Path:
+    """Where a clone keeps the sharper (6000-step) family (``benchmarks/results/testbed-sweep-6000/priors``;
+    its p35 lives in the package, :data:`~.levels.SHIPPED_SHARP_PRIORS`, see :func:`level_prior`)."""
+    return default_priors_dir().parents[1] / "testbed-sweep-6000" / "priors"
+
+
+def _is_prior(folder: Path) -> bool:
+    return (folder / "unet").is_dir() and (folder / "testbed.json").is_file()
+
+
 def level_prior(priors: PathLike, level: Level) -> Path:
-    """The level's prior folder under ``priors``, or ``FileNotFoundError`` naming the fix."""
+    """The level's prior folder under ``priors``, or ``FileNotFoundError`` naming the fix.
+
+    A level the package ships (the sharper family's p35) is found in the package when ``priors``
+    is the sharper family's folder of a clone: the repository keeps one copy of it.
+    """
+    from .levels import SHIPPED_SHARP_PRIORS
+
     folder = Path(priors) / level.name
-    if not (folder / "unet").is_dir() or not (folder / "testbed.json").is_file():
+    shipped = SHIPPED_SHARP_PRIORS / level.name
+    if not _is_prior(folder) and _is_prior(shipped) and _same_folder(priors, sharp_priors_dir()):
+        folder = shipped
+    if not _is_prior(folder):
         raise FileNotFoundError(
             f"--priors: no prior for level {level.name!r} in {folder} (train the family with "
             f"'python -m threestudio_perpneg testbed train-levels --out {Path(priors)}')"
         )
     return folder
+
+
+def _same_folder(a: PathLike, b: PathLike) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _sds2d_cells(

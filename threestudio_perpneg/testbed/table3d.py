@@ -22,6 +22,7 @@ __all__ = [
     "PROTOCOL_METHODS",
     "bench_methods",
     "control_methods",
+    "object_verdict",
     "run_table3d",
     "reference_ring",
     "save_rings",
@@ -208,6 +209,12 @@ def reference_ring(
     return f"clean {identity}", ring
 
 
+def object_verdict(janus: bool, front_kept: bool) -> str:
+    """An object's verdict as the rings picture writes it: ``JANUS`` or ``ok``, then
+    ``, front lost`` when the camera at azimuth 0 sees no front."""
+    return ("JANUS" if janus else "ok") + ("" if front_kept else ", front lost")
+
+
 def save_rings(
     path: PathLike,
     results: Mapping[MethodSpec, Sequence[ObjectResult]],
@@ -215,6 +222,7 @@ def save_rings(
     max_seeds: int = 3,
     zoom: int = 4,
     reference: Optional[Tuple[str, torch.Tensor]] = None,
+    seeds: Optional[Sequence[int]] = None,
 ) -> Path:
     """Draw per method the labelled rings of its first seeds into a PNG (written atomically).
 
@@ -223,13 +231,19 @@ def save_rings(
     verdict at the left. Views are the detail renders (``ObjectResult.ring_images_detail``)
     where the objects have them, else the classifier's images enlarged ``zoom`` times; labels are
     always the classifier's reading of its own images. ``reference``, from
-    :func:`reference_ring`, is drawn first, labelled with the true views.
+    :func:`reference_ring`, is drawn first, labelled with the true views. ``seeds``, the seeds
+    of every method's objects in order, adds ``seed N`` to each row's name.
     """
     from PIL import Image, ImageDraw
 
     from ..commands.common import atomic_write
 
     rows = [(spec, o) for spec, objs in results.items() for o in list(objs)[:max_seeds]]
+    names = [
+        f"{spec.label} b{spec.batch_size}" + (f" seed {seeds[k]}" if seeds is not None else "")
+        for spec, objs in results.items()
+        for k in range(min(len(list(objs)), max_seeds))
+    ]
     if not rows:
         raise ValueError("results: expected at least one object, got none")
     first = rows[0][1]
@@ -263,9 +277,9 @@ def save_rings(
         for k, true in enumerate(first.ring_truth):
             draw.text((left + k * cell + 2, y + cell), true, fill="black")
         y += cell + text_h
-    for (spec, obj), images in zip(rows, shown):
-        verdict = ("JANUS" if obj.janus else "ok") + ("" if obj.front_kept else ", front lost")
-        draw.text((2, y + 2), f"{spec.label} b{spec.batch_size}", fill="black")
+    for (_, obj), name, images in zip(rows, names, shown):
+        verdict = object_verdict(obj.janus, obj.front_kept)
+        draw.text((2, y + 2), name, fill="black")
         draw.text((2, y + 16), verdict, fill="red" if obj.janus or not obj.front_kept else "green")
         paste(y, images)
         for k in range(n):

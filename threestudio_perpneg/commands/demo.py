@@ -34,7 +34,7 @@ The command prints the counts (method, Janus k/n, front kept k/n, seconds) and w
 methods agree on. Time, measured on 2 cores: seeds 0-3 took 86 s on free cores (two torch
 threads); the five default seeds took 19 min with two threads and 2 min 48 s with
 ``OMP_NUM_THREADS=1`` while two other jobs kept both cores busy (two threads stall each other
-when a core is taken away).
+when a core is taken away), hence the default of one thread (``--threads``).
 """
 
 from __future__ import annotations
@@ -379,6 +379,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="SDS steps per object (default 600, the sweep's; fewer only to test the plumbing)",
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch CPU threads (default 1: two threads stall each other on a busy 2-core machine)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -388,7 +394,7 @@ DESCRIPTION = (
     "tiny 16 px prior shipped in the package (the sharper family's p35, 6.2 MB): writes "
     "<out>/demo.png (the clean head, then every method's ring per seed, labelled by the testbed "
     "classifier) and <out>/demo.json, and prints Janus and front-kept counts per method. About "
-    "2 minutes on 2 free CPU cores; on a busy machine OMP_NUM_THREADS=1 is much faster."
+    "3 minutes on one CPU thread (the default, --threads)."
 )
 
 
@@ -406,6 +412,9 @@ def run_from_args(ns: argparse.Namespace) -> Dict[str, Any]:
         demo_folder(ns.out)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    import torch
+
+    torch.set_num_threads(ns.threads)
     try:
         return run_demo(ns.out, seeds, steps=ns.steps, progress=not ns.quiet)
     except FileNotFoundError as err:

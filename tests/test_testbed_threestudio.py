@@ -21,7 +21,7 @@ from threestudio_perpneg.testbed.ts_dreamfusion import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PRIOR = REPO / "benchmarks" / "results" / "testbed-sweep-6000" / "priors" / "p35"
+PRIOR = REPO / "threestudio_perpneg" / "testbed" / "assets" / "priors-6000" / "p35"
 
 
 def _main(argv):

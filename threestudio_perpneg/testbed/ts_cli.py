@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--prior",
         default=None,
-        help="testbed prior folder (default: the sharper family's p35)",
+        help="testbed prior folder (default: the sharper family's p35, shipped in the package)",
     )
     p.add_argument("--method", choices=METHODS, default="vanilla", help="default vanilla")
     p.add_argument(
@@ -183,9 +183,10 @@ def run(ns: argparse.Namespace, error: type) -> None:
 
 
 def default_prior() -> Path:
-    """The sharper (6000-step) family's p35 in a clone."""
-    root = Path(__file__).resolve().parents[2]
-    return root / "benchmarks" / "results" / "testbed-sweep-6000" / "priors" / "p35"
+    """The sharper (6000-step) family's p35, shipped inside the package."""
+    from .levels import SHIPPED_SHARP_LEVEL, SHIPPED_SHARP_PRIORS
+
+    return SHIPPED_SHARP_PRIORS / SHIPPED_SHARP_LEVEL
 
 
 def _read_attempts(log: Path, error: type) -> Dict[str, Any]:

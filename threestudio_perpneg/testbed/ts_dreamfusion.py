@@ -107,11 +107,11 @@ class ThreestudioRunConfig:
     ring_views: int = 12
 
     def __post_init__(self) -> None:
+        from ..common.checks import check_choice, check_float, check_int
         from ..core.controls import check_eval_prob, check_sampling
         from ..core.views import make_scheme
 
-        if self.method not in METHODS:
-            raise ValueError(f"method: unknown method {self.method!r}, expected one of {METHODS}")
+        check_choice("method", self.method, METHODS, what="method")
         make_scheme(self.scheme)
         check_sampling(self.sampling)
         self.eval_prob = check_eval_prob(self.eval_prob, "eval_prob")
@@ -120,11 +120,7 @@ class ThreestudioRunConfig:
                 f"sampling/eval_prob: apply to method 'ours' only, got {self.sampling!r} and "
                 f"{self.eval_prob!r} with method {self.method!r}"
             )
-        if self.cpu_encoding not in CPU_ENCODINGS:
-            raise ValueError(
-                f"cpu_encoding: unknown value {self.cpu_encoding!r}, expected one of "
-                f"{CPU_ENCODINGS}"
-            )
+        check_choice("cpu_encoding", self.cpu_encoding, CPU_ENCODINGS, what="value")
         for key, lo in (
             ("cpu_grid_levels", 1),
             ("cpu_grid_log2_size", 8),
@@ -134,20 +130,12 @@ class ThreestudioRunConfig:
             ("cpu_hidden_layers", 1),
             ("ring_views", 4),
         ):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
-        if self.cpu_lr is not None and (
-            isinstance(self.cpu_lr, bool)
-            or not isinstance(self.cpu_lr, (int, float))
-            or not math.isfinite(self.cpu_lr)
-            or self.cpu_lr <= 0
-        ):
-            raise ValueError(f"cpu_lr: expected a finite number > 0 or None, got {self.cpu_lr!r}")
+            check_int(key, getattr(self, key), lo)
+        if self.cpu_lr is not None:
+            self.cpu_lr = check_float("cpu_lr", self.cpu_lr, 1e-12)
         for key in ("steps", "batch_size"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{key}: expected an integer >= 1 or None, got {v!r}")
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key), 1)
         self.overrides = tuple(self.overrides)
         for item in self.overrides:
             if "=" not in item or not item.split("=", 1)[0]:

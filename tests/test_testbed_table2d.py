@@ -315,7 +315,7 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"threestudio-perpneg\[eval\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[eval\]'"):
         plot_negative_weight_curve(_curve_rows(), tmp_path / "curve.png")
     assert not (tmp_path / "curve.png").exists()
 

@@ -13,11 +13,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Type, Union
+from typing import Any, Callable, Dict, Optional, Type, Union
 
 __all__ = [
+    "append_attempt",
     "atomic_write",
     "output_folder",
+    "read_attempts",
     "read_json",
     "save_image_atomic",
     "to_jsonable",
@@ -165,3 +167,27 @@ def to_jsonable(value: Any, *, nonfinite: str = "null") -> Any:
         return to_jsonable(float(value), nonfinite=nonfinite)
     except (TypeError, ValueError):
         return str(value)
+
+
+def read_attempts(path: PathLike, key: str) -> Dict[str, Any]:
+    """An attempts log: a JSON object with an ``attempts`` list (``{"attempts": []}`` when the
+    file does not exist yet). Raises ``ValueError`` naming ``key`` and the file when it is not
+    JSON or has no such list."""
+    log = Path(path)
+    if not log.exists():
+        return {"attempts": []}
+    try:
+        data = json.loads(log.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{key}: {log} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
+        raise ValueError(f"{key}: {log} has no 'attempts' list")
+    return data
+
+
+def append_attempt(path: PathLike, entry: Any, key: str, *, allow_nan: bool = False) -> None:
+    """Append ``entry`` to the attempts log at ``path`` (:func:`read_attempts`), written
+    atomically."""
+    data = read_attempts(path, key)
+    data["attempts"].append(entry)
+    write_json_atomic(path, data, allow_nan=allow_nan)

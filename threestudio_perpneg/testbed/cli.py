@@ -448,33 +448,26 @@ def _classifier_id(path: Optional[str]) -> dict:
 
 def _append_attempt(log: Path, prior: str, report: dict, note: str) -> None:
     """Append {knobs, recipe, rates, cells} to the calibration log (a JSON object with attempts)."""
-    from ..commands.common import write_json
+    from ..common.io import append_attempt
     from .prior import load_testbed_config
     from .protocol2d import CELLS
 
-    data: dict = {"attempts": []}
-    if log.exists():
-        try:
-            data = json.loads(log.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise TestbedError(f"--calibration-log: {log} is not valid JSON: {err}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
-            raise TestbedError(f"--calibration-log: {log} has no 'attempts' list")
     meta = load_testbed_config(prior)
-    data["attempts"].append(
-        {
-            "note": note,
-            "dataset": meta["dataset"],
-            "train": meta.get("train"),
-            "guidance_scale": report["guidance_scale"],
-            "steps": report["steps"],
-            "seed": report["seed"],
-            "classifier": report["classifier"],
-            **{key: report[key] for key, _, _ in CELLS},
-            "cells": report["cells"],
-        }
-    )
-    write_json(log, data)
+    entry = {
+        "note": note,
+        "dataset": meta["dataset"],
+        "train": meta.get("train"),
+        "guidance_scale": report["guidance_scale"],
+        "steps": report["steps"],
+        "seed": report["seed"],
+        "classifier": report["classifier"],
+        **{key: report[key] for key, _, _ in CELLS},
+        "cells": report["cells"],
+    }
+    try:
+        append_attempt(log, entry, "--calibration-log")
+    except ValueError as err:
+        raise TestbedError(str(err)) from None
 
 
 def _threestudio(ns: argparse.Namespace) -> None:

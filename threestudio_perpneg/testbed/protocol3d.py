@@ -52,6 +52,8 @@ __all__ = [
     "sample_cameras",
     "ring_azimuths",
     "score_ring",
+    "classified_object",
+    "prior_resolution",
     "run_object",
     "run_objects",
     "render_ring",
@@ -348,6 +350,49 @@ def score_ring(
     return bool(flags["janus"]), front_kept, acc, truth, flags
 
 
+def classified_object(
+    classifier: Any,
+    ring: Tensor,
+    azimuths: List[float],
+    *,
+    elevation_deg: float = 0.0,
+    identity: Optional[str] = None,
+    **fields: Any,
+) -> ObjectResult:
+    """An :class:`ObjectResult` from a ring at the prior's resolution: the classifier reads it,
+    :func:`score_ring` scores it and the identity agreement is the fraction of views read as
+    ``identity`` (None without one); ``fields`` are the object's other fields."""
+    predicted = classifier.classify(ring)
+    labels = list(predicted.views)
+    janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, elevation_deg)
+    ring_ids = getattr(predicted, "identities", None)
+    agreement = (
+        sum(i == identity for i in ring_ids) / len(ring_ids) if identity and ring_ids else None
+    )
+    return ObjectResult(
+        janus=janus,
+        front_kept=front_kept,
+        view_accuracy=acc,
+        ring_azimuths=azimuths,
+        ring_labels=labels,
+        ring_truth=truth,
+        flags=flags,
+        ring_images=ring,
+        identity_agreement=agreement,
+        **fields,
+    )
+
+
+def prior_resolution(prior_path: PathLike) -> int:
+    """The prior's image size in pixels (its UNet's ``sample_size``)."""
+    unet_config = Path(prior_path) / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise FileNotFoundError(
+            f"prior_path: {prior_path} has no unet/config.json (expected a prior folder)"
+        )
+    return int(json.loads(unet_config.read_text(encoding="utf-8"))["sample_size"])
+
+
 def _prior_camera_ranges(prior_path: PathLike) -> Tuple[Tuple[float, float], float, float]:
     """(distance range, fovy, background) of the prior's training data, from its testbed.json."""
     from .dataset import DatasetConfig
@@ -568,30 +613,17 @@ def run_objects(
     results = []
     for k in range(n_obj):
         texture = torch.sigmoid(logits[k].detach())
-        ring = render_ring(texture, cfg, prior_path, size)
-        predicted = classifier.classify(ring)
-        labels = list(predicted.views)
-        janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, cfg.ring_elevation_deg)
-        ring_ids = getattr(predicted, "identities", None)
-        ident = ids[k]
-        agreement = (
-            sum(i == ident for i in ring_ids) / len(ring_ids) if ident and ring_ids else None
-        )
         results.append(
-            ObjectResult(
-                janus=janus,
-                front_kept=front_kept,
-                view_accuracy=acc,
-                ring_azimuths=azimuths,
-                ring_labels=labels,
-                ring_truth=truth,
-                flags=flags,
+            classified_object(
+                classifier,
+                render_ring(texture, cfg, prior_path, size),
+                azimuths,
+                elevation_deg=cfg.ring_elevation_deg,
+                identity=ids[k],
                 unet_rows_per_step=rows[k] / max(cfg.steps, 1),
                 losses=losses,
                 texture=texture,
-                ring_images=ring,
                 seconds=seconds,
-                identity_agreement=agreement,
                 ring_images_detail=render_ring(texture, cfg, prior_path, RING_DETAIL * size),
             )
         )

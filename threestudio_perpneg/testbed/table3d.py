@@ -196,15 +196,10 @@ def reference_ring(
     """(label, images) of the identity's clean head on the evaluation ring, at the detail size
     of :func:`save_rings`: what a face, an ear and the hair look like from each camera."""
     from . import scenes
-    from .protocol3d import RING_DETAIL, render_ring
+    from .protocol3d import RING_DETAIL, prior_resolution, render_ring
 
     cfg = base or Protocol3DConfig()
-    unet_config = Path(prior_path) / "unet" / "config.json"
-    if not unet_config.is_file():
-        raise FileNotFoundError(
-            f"prior_path: {prior_path} has no unet/config.json (expected a prior folder)"
-        )
-    size = int(json.loads(unet_config.read_text(encoding="utf-8"))["sample_size"])
+    size = prior_resolution(prior_path)
     ring = render_ring(scenes.identity_texture(identity), cfg, prior_path, RING_DETAIL * size)
     return f"clean {identity}", ring
 

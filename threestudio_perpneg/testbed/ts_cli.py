@@ -9,15 +9,14 @@ to an attempts file shared by runs, the record of how the settings were chosen.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
-from ..commands.common import CommandError, finite_float, nonnegative_int, positive_int
+from ..commands.common import finite_float, nonnegative_int, positive_int
 
-__all__ = ["add_parser", "run", "append_attempt"]
+__all__ = ["add_parser", "default_prior", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -110,6 +109,7 @@ def run(ns: argparse.Namespace, error: type) -> None:
     import torch
 
     from ..common.checks import parse_seeds
+    from ..common.io import append_attempt, read_attempts
     from ..threestudio_cpu import ThreestudioUnavailable
     from .classifier import load_classifier
     from .ts_dreamfusion import ThreestudioRunConfig, default_config_path, run_objects
@@ -147,19 +147,25 @@ def run(ns: argparse.Namespace, error: type) -> None:
     except ValueError as err:
         raise error(str(err)) from None
     if ns.attempt_log is not None:
-        _read_attempts(ns.attempt_log, error)  # refuse a bad log before hours of training
+        try:  # refuse a bad log before hours of training
+            read_attempts(ns.attempt_log, "--attempt-log")
+        except ValueError as err:
+            raise error(str(err)) from None
     torch.set_num_threads(ns.threads)
+    argv = getattr(ns, "argv", None) or sys.argv[2:]
     try:
-        report = run_objects(cfg, seeds, ns.out, load_classifier(), progress=not ns.quiet)
+        report = run_objects(
+            cfg,
+            seeds,
+            ns.out,
+            load_classifier(),
+            progress=not ns.quiet,
+            command=["python", "-m", "threestudio_perpneg", "testbed", *argv],
+        )
     except ThreestudioUnavailable as err:
         raise error(f"THREESTUDIO_ROOT: {err.reason}") from None
     except (FileNotFoundError, ValueError) as err:
         raise error(str(err)) from None
-    argv = getattr(ns, "argv", None) or sys.argv[2:]
-    report["command"] = ["python", "-m", "threestudio_perpneg", "testbed", *argv]
-    from ..common.io import write_json_atomic
-
-    write_json_atomic(Path(ns.out) / "results.json", report, allow_nan=True)
     row = report["row"]
     print(
         f"{row['label']} b{row['batch']}: Janus {row['janus']}/{row['seeds']} "
@@ -178,7 +184,8 @@ def run(ns: argparse.Namespace, error: type) -> None:
                 "row": row,
                 "labels": {str(o["seed"]): o["labels"] for o in report["objects"]},
             },
-            error,
+            "--attempt-log",
+            allow_nan=True,
         )
 
 
@@ -187,25 +194,3 @@ def default_prior() -> Path:
     from .levels import SHIPPED_SHARP_LEVEL, SHIPPED_SHARP_PRIORS
 
     return SHIPPED_SHARP_PRIORS / SHIPPED_SHARP_LEVEL
-
-
-def _read_attempts(log: Path, error: type) -> Dict[str, Any]:
-    if not log.exists():
-        return {"attempts": []}
-    try:
-        data = json.loads(log.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise error(f"--attempt-log: {log} is not readable JSON: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("attempts"), list):
-        raise error(f"--attempt-log: {log} has no 'attempts' list")
-    return data
-
-
-def append_attempt(log: Path, entry: Dict[str, Any], error: type = CommandError) -> None:
-    """Append ``entry`` to the ``attempts`` list of the JSON file ``log`` (created; atomic)."""
-    from ..common.io import write_json_atomic
-
-    data = _read_attempts(log, error)
-    attempts: List[Any] = data["attempts"]
-    attempts.append(entry)
-    write_json_atomic(log, data, allow_nan=True)

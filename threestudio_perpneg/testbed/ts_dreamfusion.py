@@ -238,15 +238,15 @@ def run_object(
 ) -> Dict[str, Any]:
     """Train one object with threestudio's system on CPU and score its ring.
 
-    Returns a dict with ``objects`` (the :class:`.protocol3d.ObjectResult`) and ``log`` (per
-    object: seed, losses, seconds per step, UNet rows per step, ring labels). Raises
+    Returns a dict with ``object`` (the :class:`.protocol3d.ObjectResult`) and ``log`` (seed,
+    batch, verdicts, ring labels, seconds per step, UNet rows per step, final loss). Raises
     :class:`~threestudio_perpneg.threestudio_cpu.ThreestudioUnavailable` without a checkout.
     """
     import torch.nn.functional as F
 
     from ..threestudio_cpu.system import fit_steps, make_dreamfusion_system
     from .dataset import DatasetConfig, base_prompt
-    from .protocol3d import ObjectResult, score_ring
+    from .protocol3d import classified_object, prior_resolution
 
     prior = Path(cfg.prior)
     meta = json.loads((prior / "testbed.json").read_text(encoding="utf-8"))
@@ -287,36 +287,26 @@ def run_object(
     ring, azimuths = _test_ring(system, dm)
     n = cfg.ring_views
     ring, azimuths = ring[:n], azimuths[:n]
-    res = int(json.loads((prior / "unet" / "config.json").read_text())["sample_size"])
-    small = F.adaptive_avg_pool2d(ring, res)  # area pooling: what the guidance's resize does at 2x
-    predicted = classifier.classify(small)
-    labels = list(predicted.views)
-    janus, front_kept, acc, truth, flags = score_ring(azimuths, labels, 0.0)
-    ids = getattr(predicted, "identities", None)
-    agreement = sum(i == cfg.identity for i in ids) / len(ids) if ids else None
-    obj = ObjectResult(
-        janus=janus,
-        front_kept=front_kept,
-        view_accuracy=acc,
-        ring_azimuths=azimuths,
-        ring_labels=labels,
-        ring_truth=truth,
-        flags=flags,
+    # Area pooling to the prior's size: what the guidance's resize does to the 2x renders.
+    small = F.adaptive_avg_pool2d(ring, prior_resolution(prior))
+    obj = classified_object(
+        classifier,
+        small,
+        azimuths,
+        identity=cfg.identity,
         unet_rows_per_step=sum(rows) / max(len(rows), 1),
         losses=losses,
         texture=torch.empty(0),
-        ring_images=small,
         seconds=seconds,
-        identity_agreement=agreement,
         ring_images_detail=ring,
     )
     log = {
         "seed": seed,
         "batch": int(system._harness_cfg.data.batch_size),
-        "janus": janus,
-        "front_kept": front_kept,
-        "labels": labels,
-        "identity_agreement": agreement,
+        "janus": obj.janus,
+        "front_kept": obj.front_kept,
+        "labels": obj.ring_labels,
+        "identity_agreement": obj.identity_agreement,
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(steps, 1), 4),
         "unet_rows_per_step": obj.unet_rows_per_step,
@@ -364,8 +354,10 @@ def run_objects(
     progress: bool = True,
     echo: Callable[[str], Any] = print,
     threestudio_root: Optional[PathLike] = None,
+    command: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
-    """Every seed of one method: ``out/results.json`` (row, objects, settings, versions) and
+    """Every seed of one method: ``out/results.json`` (row, objects, settings, versions, and the
+    ``command`` line when given) and
     ``out/rings.png`` (the clean head, then each seed's ring at 4x with the classifier's labels).
 
     Each object trains in ``out/objects/seed<k>`` (threestudio's trial folder with its test-step
@@ -422,6 +414,8 @@ def run_objects(
         "seconds": round(time.time() - t0, 1),
         "versions": versions(),
     }
+    if command is not None:
+        report["command"] = list(command)
     write_json_atomic(folder / "results.json", report, allow_nan=True)
     reference = reference_ring(cfg.prior, cfg.identity)
     save_rings(folder / "rings.png", {spec: objects}, max_seeds=len(objects), reference=reference)
